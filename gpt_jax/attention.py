@@ -1,0 +1,49 @@
+"""One dispatch function for every attention layer of the model.
+
+The model calls `attend(q, k, v, pattern, impl)`; this file decides which implementation runs:
+
+| pattern | impl=auto on GPU          | on TPU / CPU                  |
+|---------|---------------------------|-------------------------------|
+| dense   | cuDNN (fused, causal)     | XLA causal attention          |
+| sparse  | kernels.sparse_attention  | kernels.sparse_attention      |
+
+`kernels.sparse_attention(impl="auto")` picks our Pallas kernel for the backend and falls back to
+the masked reference (with a warning) for shapes the kernel cannot take.
+"""
+
+from __future__ import annotations
+
+import jax
+
+import kernels
+from kernels.patterns import Pattern
+from kernels.reference import reference_attention
+
+IMPLS = ("auto", "reference", "xla", "cudnn", "pallas")
+
+
+def _on_gpu() -> bool:
+    return jax.default_backend() == "gpu"
+
+
+def attend(q, k, v, pattern: Pattern, impl: str = "auto"):
+    """Causal attention of q [b, t, h, d] over k, v [b, t, kv_h, d] restricted to `pattern`."""
+    if impl not in IMPLS:
+        raise ValueError(f"attention.impl must be one of {IMPLS}, got {impl!r}")
+    if impl == "reference":
+        return reference_attention(q, k, v, pattern)
+
+    if pattern.is_dense:
+        if impl == "cudnn" or (impl == "auto" and _on_gpu()):
+            return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+        if impl == "pallas":
+            return kernels.sparse_attention(q, k, v, pattern, impl="auto")
+        return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="xla")
+
+    if pattern.kind == "local" and impl == "cudnn":
+        # cuDNN's sliding window: keys within window-1 to the left, none to the right.
+        return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn",
+                                            local_window_size=(pattern.window - 1, 0))
+    if impl in ("xla", "cudnn"):
+        return reference_attention(q, k, v, pattern)
+    return kernels.sparse_attention(q, k, v, pattern, impl="auto")

@@ -1,0 +1,197 @@
+"""GPT-2/GPT-3 as pure-function Flax Linen modules.
+
+Pre-LN blocks, learned positional embeddings, GELU, tied input/output embeddings, optional biases,
+N(0, 0.02) init with the residual projections scaled by 1/sqrt(2 * n_layer). Each layer has its
+own attention pattern from the config's schedule (GPT-3 alternates dense and local_strided).
+Every parameter carries logical axis names; sharding rules in the config map them to the mesh.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from gpt_jax.attention import attend
+from kernels.patterns import Pattern, from_name, lcm_multiple
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+REMAT_POLICIES = {
+    "full": None,  # recompute everything in the backward pass
+    "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class GPTConfig:
+    vocab_size: int
+    block_size: int
+    n_layer: int
+    n_head: int
+    n_embd: int
+    patterns: tuple[Pattern, ...]  # one per layer
+    mlp_ratio: int = 4
+    dropout: float = 0.0
+    use_bias: bool = True
+    dtype: str = "bfloat16"
+    param_dtype: str = "float32"
+    remat: str = "none"
+    attn_impl: str = "auto"
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @classmethod
+    def from_config(cls, cfg, vocab_size: int | None = None) -> "GPTConfig":
+        """Build from an experiment config; `vocab_size` is the tokenizer's when the config says 0."""
+        m, a = cfg.model, cfg.attention
+        vocab = m.vocab_size or vocab_size
+        if not vocab:
+            raise ValueError("model.vocab_size is 0 and no tokenizer vocabulary was given")
+        vocab = -(-vocab // m.vocab_multiple) * m.vocab_multiple
+        schedule = tuple(a.schedule)
+        if not schedule:
+            raise ValueError("attention.schedule is empty")
+        patterns = tuple(
+            from_name(schedule[i % len(schedule)], window=a.window, stride=a.stride, block=a.block, c=a.c)
+            for i in range(m.n_layer))
+        return cls(vocab_size=vocab, block_size=m.block_size, n_layer=m.n_layer, n_head=m.n_head,
+                   n_embd=m.n_embd, patterns=patterns, mlp_ratio=m.mlp_ratio, dropout=m.dropout,
+                   use_bias=m.use_bias, dtype=resolve_dtype(m.dtype), param_dtype=m.param_dtype, remat=m.remat,
+                   attn_impl=a.impl)
+
+    def validate(self) -> None:
+        """Raise ValueError with a one-line reason if this model cannot be built."""
+        if self.n_embd % self.n_head:
+            raise ValueError(f"model.n_head={self.n_head} does not divide model.n_embd={self.n_embd}")
+        multiple = lcm_multiple(self.patterns)
+        if self.block_size % multiple:
+            raise ValueError(
+                f"model.block_size={self.block_size} is not a multiple of {multiple}, which the attention "
+                f"schedule ({', '.join(sorted({str(p) for p in self.patterns}))}) needs")
+        for name in (self.dtype, self.param_dtype):
+            if name not in DTYPES:
+                raise ValueError(f"unknown dtype {name!r}; expected one of {tuple(DTYPES)}")
+        if self.remat not in ("none", *REMAT_POLICIES):
+            raise ValueError(f"model.remat must be none, full or dots, got {self.remat!r}")
+
+
+def resolve_dtype(name: str) -> str:
+    """"auto" is bfloat16 on accelerators and float32 on CPU, where bfloat16 math is emulated and slow."""
+    if name != "auto":
+        return name
+    return "float32" if jax.default_backend() == "cpu" else "bfloat16"
+
+
+def _init(std: float, axes: tuple):
+    return nn.with_logical_partitioning(nn.initializers.normal(stddev=std), axes)
+
+
+def _zeros(axes: tuple):
+    return nn.with_logical_partitioning(nn.initializers.zeros_init(), axes)
+
+
+def _layer_norm(cfg: GPTConfig, name: str) -> nn.LayerNorm:
+    return nn.LayerNorm(epsilon=1e-5, use_bias=cfg.use_bias, dtype=DTYPES[cfg.dtype],
+                        param_dtype=DTYPES[cfg.param_dtype], name=name,
+                        scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",)),
+                        bias_init=_zeros(("embed",)))
+
+
+class Linear(nn.Module):
+    """y = x @ kernel + bias, contracting x's last `in_dims` axes; the kernel's axes are named.
+
+    Written out (rather than nn.DenseGeneral) so the kernel is created in its final shape: its
+    logical axes then line up with its dimensions from the start.
+    """
+    features: tuple[int, ...]
+    axes: tuple[str, ...]  # logical names of the kernel's dimensions (inputs, then features)
+    std: float
+    cfg: GPTConfig
+    in_dims: int = 1
+
+    @nn.compact
+    def __call__(self, x):
+        dtype, pdtype = DTYPES[self.cfg.dtype], DTYPES[self.cfg.param_dtype]
+        shape = (*x.shape[-self.in_dims:], *self.features)
+        kernel = self.param("kernel", _init(self.std, self.axes), shape, pdtype)
+        y = jnp.tensordot(x.astype(dtype), kernel.astype(dtype), axes=self.in_dims)
+        if self.cfg.use_bias:
+            bias = self.param("bias", _zeros(self.axes[self.in_dims:]), self.features, pdtype)
+            y = y + bias.astype(dtype)
+        return y
+
+
+class CausalSelfAttention(nn.Module):
+    cfg: GPTConfig
+    pattern: Pattern
+
+    @nn.compact
+    def __call__(self, x, deterministic: bool):
+        cfg = self.cfg
+        qkv = Linear((3, cfg.n_head, cfg.head_dim), ("embed", "qkv", "heads", "kv"), 0.02, cfg, name="c_attn")(x)
+        q, k, v = (nn.with_logical_constraint(qkv[:, :, i], ("act_batch", "act_length", "act_heads", "kv"))
+                   for i in range(3))
+        y = attend(q, k, v, self.pattern, cfg.attn_impl)
+        y = Linear((cfg.n_embd,), ("heads", "kv", "embed"), 0.02 / math.sqrt(2 * cfg.n_layer), cfg,
+                   in_dims=2, name="c_proj")(y)
+        return nn.Dropout(cfg.dropout)(y, deterministic=deterministic)
+
+
+class MLP(nn.Module):
+    cfg: GPTConfig
+
+    @nn.compact
+    def __call__(self, x, deterministic: bool):
+        cfg = self.cfg
+        h = Linear((cfg.mlp_ratio * cfg.n_embd,), ("embed", "mlp"), 0.02, cfg, name="c_fc")(x)
+        h = nn.with_logical_constraint(nn.gelu(h, approximate=True), ("act_batch", "act_length", "act_mlp"))
+        y = Linear((cfg.n_embd,), ("mlp", "embed"), 0.02 / math.sqrt(2 * cfg.n_layer), cfg, name="c_proj")(h)
+        return nn.Dropout(cfg.dropout)(y, deterministic=deterministic)
+
+
+class Block(nn.Module):
+    cfg: GPTConfig
+    pattern: Pattern
+
+    @nn.compact
+    def __call__(self, x, deterministic: bool):
+        x = x + CausalSelfAttention(self.cfg, self.pattern, name="attn")(_layer_norm(self.cfg, "ln_1")(x), deterministic)
+        x = x + MLP(self.cfg, name="mlp")(_layer_norm(self.cfg, "ln_2")(x), deterministic)
+        return nn.with_logical_constraint(x, ("act_batch", "act_length", "act_embed"))
+
+
+class GPT(nn.Module):
+    cfg: GPTConfig
+
+    @nn.compact
+    def __call__(self, tokens, deterministic: bool = True):
+        """tokens [batch, seq] int32 -> logits [batch, seq, vocab] in the compute dtype."""
+        cfg = self.cfg
+        dtype, pdtype = DTYPES[cfg.dtype], DTYPES[cfg.param_dtype]
+        _, seq = tokens.shape
+        wte = nn.Embed(cfg.vocab_size, cfg.n_embd, dtype=dtype, param_dtype=pdtype,
+                       embedding_init=_init(0.02, ("vocab", "embed")), name="wte")
+        wpe = self.param("wpe", _init(0.02, ("positions", "embed")), (cfg.block_size, cfg.n_embd), pdtype)
+        x = wte(tokens) + wpe[:seq].astype(dtype)
+        x = nn.Dropout(cfg.dropout)(x, deterministic=deterministic)
+        x = nn.with_logical_constraint(x, ("act_batch", "act_length", "act_embed"))
+
+        block_cls = Block
+        if cfg.remat != "none":
+            # static_argnums counts self as 0: `deterministic` is argument 2.
+            block_cls = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], static_argnums=(2,))
+        for i, pattern in enumerate(cfg.patterns):
+            x = block_cls(cfg, pattern, name=f"h_{i}")(x, deterministic)
+
+        x = _layer_norm(cfg, "ln_f")(x)
+        logits = wte.attend(x)  # tied output embedding
+        return nn.with_logical_constraint(logits, ("act_batch", "act_length", "act_vocab"))
+
+
+def count_params(params) -> int:
+    return sum(x.size for x in jax.tree_util.tree_leaves(params))

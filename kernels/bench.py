@@ -1,0 +1,201 @@
+"""Attention benchmark: our kernel against cuDNN, XLA, the reference and FlexAttention.
+
+    python -m kernels.bench --pattern local_strided --window 256 --stride 256 \
+        --seq 2048,8192,32768 --tokens 32768 --heads 16 --head-dim 128 --dtype bfloat16 --out runs/bench
+
+batch = tokens // seq, so every sequence length moves the same number of tokens.
+FLOP convention: each row counts only the (query, key) pairs of the pattern *that row computes*
+(`Pattern.pairs`): forward = pairs * 4 * head_dim * heads * batch (two matmuls of 2 FLOPs per
+multiply-add), forward+backward = 3.5x that (backward = 2.5x forward: five matmuls, one of them the
+recomputed scores). Dense rows count dense causal pairs, band rows count local(window) pairs, so the
+TFLOP/s column is useful work per second, never the padded or masked-out work.
+Timing: one compile + warm-up calls, then the median of --repeats timed calls, each ended by
+block_until_ready (torch: cuda synchronize). Alternatives the platform cannot run are "n/a (reason)".
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import kernels
+from kernels import patterns
+from kernels.errors import NotAvailable, UnsupportedInput
+
+ALL_IMPLS = ("ours", "cudnn_dense", "cudnn_band", "xla_mask", "reference", "flex")
+BWD_FACTOR = 3.5
+MAX_SCORES_BYTES = 16 * 2**30  # skip materialized-score baselines above this (they OOM or crawl)
+
+
+def flops_forward(pattern, seq, batch, heads, head_dim) -> int:
+    return pattern.pairs(seq) * 4 * head_dim * heads * batch
+
+
+def _time(fn, args, repeats, warmup):
+    for _ in range(warmup):
+        jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def _on_gpu():
+    return jax.devices()[0].platform == "gpu"
+
+
+def _jax_alternative(name, pattern, seq, batch, heads, head_dim, dtype, interpret):
+    """(attention fn of q, k, v, pattern it computes) for a JAX alternative, or NotAvailable."""
+    if name == "ours":
+        impl = kernels.auto_impl()
+        if impl == "reference" and not interpret:
+            raise NotAvailable("no kernel for this platform; --interpret runs the TPU interpreter")
+        impl = "pallas_tpu" if impl == "reference" else impl
+        return (lambda q, k, v: kernels.sparse_attention(q, k, v, pattern, impl=impl)), pattern
+    if name in ("cudnn_dense", "cudnn_band"):
+        if not _on_gpu():
+            raise NotAvailable("cuDNN needs a CUDA GPU")
+        if name == "cudnn_dense":
+            return (lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True,
+                                                                 implementation="cudnn")), patterns.dense()
+        if not pattern.window:
+            raise NotAvailable(f"{pattern} has no band")
+        w = pattern.window
+        return (lambda q, k, v: jax.nn.dot_product_attention(
+            q, k, v, is_causal=True, local_window_size=(w - 1, 0), implementation="cudnn")), patterns.local(w)
+    scores_bytes = batch * heads * seq * seq * 4
+    if scores_bytes > MAX_SCORES_BYTES:
+        raise NotAvailable(f"would materialize {scores_bytes / 2**30:.0f} GiB of scores")
+    if name == "xla_mask":
+        pos = np.arange(seq)
+        mask = jnp.asarray(pattern.mask(pos, pos))[None, None]
+        return (lambda q, k, v: jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")), pattern
+    if name == "reference":
+        return (lambda q, k, v: kernels.reference_attention(q, k, v, pattern)), pattern
+    raise ValueError(f"unknown impl {name!r}")
+
+
+def _bench_jax(name, pattern, seq, batch, heads, head_dim, dtype, repeats, warmup, interpret):
+    attn, computed = _jax_alternative(name, pattern, seq, batch, heads, head_dim, dtype, interpret)
+    keys = jax.random.split(jax.random.key(seq), 4)
+    q, k, v, do = (jax.random.normal(kk, (batch, seq, heads, head_dim), dtype) for kk in keys)
+    fwd = jax.jit(attn)
+
+    @jax.jit
+    def fwd_bwd(q, k, v, do):
+        out, vjp = jax.vjp(attn, q, k, v)
+        return out, vjp(do)
+
+    return computed, _time(fwd, (q, k, v), repeats, warmup), _time(fwd_bwd, (q, k, v, do), repeats, warmup)
+
+
+def run_one(name, pattern, seq, batch, heads, head_dim, dtype, repeats, warmup, interpret):
+    """One row of the table as a dict; errors and unavailable alternatives become 'n/a (reason)'."""
+    row = dict(impl=name, seq=seq, batch=batch, heads=heads, head_dim=head_dim, dtype=str(jnp.dtype(dtype)),
+               pattern=str(pattern), device=jax.devices()[0].device_kind)
+    try:
+        if name == "flex":
+            from kernels.bench_flex import bench_flex
+            computed = pattern
+            fwd_ms, fb_ms = bench_flex(pattern, seq, batch, heads, head_dim, str(jnp.dtype(dtype)), repeats, warmup)
+        else:
+            computed, fwd_ms, fb_ms = _bench_jax(name, pattern, seq, batch, heads, head_dim, dtype,
+                                                 repeats, warmup, interpret)
+    except (NotAvailable, UnsupportedInput) as e:
+        return dict(row, status=f"n/a ({e})")
+    except Exception as e:  # OOM, compiler errors: report, keep benchmarking the rest
+        return dict(row, status=f"n/a (error: {type(e).__name__}: {str(e).splitlines()[0][:120]})")
+    flops = flops_forward(computed, seq, batch, heads, head_dim)
+    return dict(row, status="ok", computed=str(computed), pairs=computed.pairs(seq), flops_fwd=flops,
+                flops_fwd_bwd=flops * BWD_FACTOR, fwd_ms=fwd_ms, fwd_bwd_ms=fb_ms,
+                fwd_tflops=flops / fwd_ms / 1e9, fwd_bwd_tflops=flops * BWD_FACTOR / fb_ms / 1e9)
+
+
+def format_table(rows) -> str:
+    head = f"{'impl':<12} {'seq':>6} {'batch':>5} {'computes':<36} {'fwd ms':>9} {'TFLOP/s':>8} {'f+b ms':>9} {'TFLOP/s':>8}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        if r["status"] != "ok":
+            lines.append(f"{r['impl']:<12} {r['seq']:>6} {r['batch']:>5} {r['status']}")
+        else:
+            lines.append(f"{r['impl']:<12} {r['seq']:>6} {r['batch']:>5} {r['computed']:<36} {r['fwd_ms']:>9.3f} "
+                         f"{r['fwd_tflops']:>8.3g} {r['fwd_bwd_ms']:>9.3f} {r['fwd_bwd_tflops']:>8.3g}")
+    return "\n".join(lines)
+
+
+def plot(rows, path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, key, title in ((axes[0], "fwd_ms", "forward"), (axes[1], "fwd_bwd_ms", "forward + backward")):
+        for impl in dict.fromkeys(r["impl"] for r in rows):
+            pts = [(r["seq"], r[key]) for r in rows if r["impl"] == impl and r["status"] == "ok"]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=impl)
+        ax.set(xscale="log", yscale="log", xlabel="sequence length", ylabel="ms", title=title)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"{rows[0]['pattern']}, {rows[0]['heads']} heads x {rows[0]['head_dim']}, "
+                 f"{rows[0]['dtype']}, {rows[0]['device']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--pattern", default="local_strided", choices=patterns.KINDS)
+    p.add_argument("--window", type=int, default=256)
+    p.add_argument("--stride", type=int, default=256)
+    p.add_argument("--block", type=int, default=0, help="fixed pattern block")
+    p.add_argument("--c", type=int, default=0, help="fixed pattern summary columns")
+    p.add_argument("--seq", default="2048,8192,32768", help="comma-separated sequence lengths")
+    p.add_argument("--tokens", type=int, default=32768, help="batch = tokens // seq")
+    p.add_argument("--heads", type=int, default=16)
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32", "float16"))
+    p.add_argument("--impls", default=",".join(ALL_IMPLS), help=f"comma-separated subset of {ALL_IMPLS}")
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--interpret", action="store_true", help="time our TPU kernel in the CPU interpreter")
+    p.add_argument("--out", default=None, help="directory for bench.json and bench.png")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    pattern = patterns.from_name(args.pattern, window=args.window, stride=args.stride, block=args.block, c=args.c)
+    impls = [s for s in args.impls.split(",") if s]
+    unknown = set(impls) - set(ALL_IMPLS)
+    if unknown:
+        raise SystemExit(f"unknown --impls {sorted(unknown)}; choose from {ALL_IMPLS}")
+    rows = []
+    for seq in (int(s) for s in args.seq.split(",")):
+        batch = max(1, args.tokens // seq)
+        for name in impls:
+            rows.append(run_one(name, pattern, seq, batch, args.heads, args.head_dim, jnp.dtype(args.dtype),
+                                args.repeats, args.warmup, args.interpret))
+            print(format_table(rows[-1:]).splitlines()[-1], flush=True)
+    print(f"\n{pattern}; FLOPs = pairs computed x 4 x head_dim x heads x batch (x{BWD_FACTOR} fwd+bwd); "
+          f"density {pattern.density(int(args.seq.split(',')[-1])):.4f} at the longest seq\n")
+    print(format_table(rows))
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "bench.json"), "w") as f:
+            json.dump(dict(args=vars(args), rows=rows), f, indent=1)
+        plot(rows, os.path.join(args.out, "bench.png"))
+    return rows
+
+
+if __name__ == "__main__":
+    main()

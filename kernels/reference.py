@@ -1,0 +1,38 @@
+"""Reference attention: a boolean mask applied to plain XLA attention, computed in float32.
+
+Slow (it materializes the [T, S] scores) and obviously right: the oracle for every kernel test.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from kernels.patterns import Pattern
+
+
+def reference_attention(q, k, v, pattern: Pattern, *, q_offset: int = 0, k_offset: int = 0,
+                        scale: float | None = None, return_lse: bool = False):
+    """Masked softmax attention.
+
+    q: [batch, q_len, heads, head_dim]; k, v: [batch, kv_len, kv_heads, head_dim] with heads a
+    multiple of kv_heads (grouped-query attention). Query row t sits at position q_offset + t and
+    key column s at k_offset + s, which lets a decode step or a chunk use the same oracle.
+    Rows with no visible key return zeros (and lse = -inf).
+    """
+    b, tq, h, dh = q.shape
+    _, tk, hk, _ = k.shape
+    if h % hk:
+        raise ValueError(f"query heads {h} must be a multiple of kv heads {hk}")
+    scale = dh ** -0.5 if scale is None else scale
+    qf = q.astype(jnp.float32).reshape(b, tq, hk, h // hk, dh)
+    logits = jnp.einsum("btkgd,bskd->bkgts", qf, k.astype(jnp.float32)) * scale
+    mask = pattern.mask(q_offset + jnp.arange(tq), k_offset + jnp.arange(tk), xp=jnp)
+    logits = jnp.where(mask, logits, -jnp.inf)
+    lse = jax.nn.logsumexp(logits, axis=-1)  # [b, hk, g, tq]
+    probs = jnp.where(mask, jnp.exp(logits - jnp.where(jnp.isfinite(lse), lse, 0.0)[..., None]), 0.0)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(jnp.float32)).reshape(b, tq, h, dh)
+    out = out.astype(q.dtype)
+    if return_lse:
+        return out, lse.reshape(b, h, tq)
+    return out

@@ -1,0 +1,207 @@
+"""Tiling schedule of the sparse attention kernels, in plain Python/numpy so CPU tests can check it.
+
+Every supported pattern is split into at most two *passes*. Each pass is causal-like attention whose
+mask, on the pass's own flat index, has one shape (`DiagonalMask`):
+
+    visible(i, j) = (i // seg_len == j // seg_len) and lo <= i - j <= hi
+
+- band pass, natural layout (one segment of length T): dense is lo=0, hi=inf; local(w) and the band
+  part of local_strided(w, s) are lo=0, hi=w-1.
+- strided pass, residue-major layout: view x[T] as x[T/S, S]; residue r holds positions r, r+S, ...,
+  laid out one residue after another, so flat index r*P + p (P = T/S) is position p*S + r. A strided
+  pair (d = i - j a multiple of S) is a same-residue pair with p - p' = d / S. strided(S) needs
+  p - p' >= 0; local_strided(w, S) needs p - p' >= ceil(w / S), because nearer strided pairs have
+  d < w and already sit in the band (counting them twice would double their softmax weight).
+  When P is smaller than a tile, one tile packs several residues and the segment test makes the
+  mask block-diagonal.
+
+For a pass and tile sizes (bq, bk) a `BlockSchedule` lists, per query tile, the key blocks to visit and
+whether each is fully visible (no mask needed) or partial; the backward's dk/dv kernel uses the
+transposed lists (per key block, the query tiles that see it). Passes are merged with `merge_partials`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import numpy as np
+
+from kernels.patterns import Pattern
+
+SKIP, PARTIAL, FULL = 0, 1, 2
+NO_LIMIT = np.iinfo(np.int32).max // 2  # "hi = infinity" that still fits int32 arithmetic in kernels
+
+
+@dataclasses.dataclass(frozen=True)
+class DiagonalMask:
+    """visible(i, j) = same segment of length seg_len, and lo <= i - j <= hi."""
+    seg_len: int
+    lo: int = 0
+    hi: int = NO_LIMIT
+
+    def dense(self, n: int) -> np.ndarray:
+        i = np.arange(n)[:, None]
+        j = np.arange(n)[None, :]
+        d = i - j
+        return (i // self.seg_len == j // self.seg_len) & (d >= self.lo) & (d <= self.hi)
+
+    def tile_kind(self, r0: int, r1: int, c0: int, c1: int) -> int:
+        """SKIP, PARTIAL or FULL for rows [r0, r1) x cols [c0, c1), computed exactly per segment."""
+        L = self.seg_len
+        if (r0 // L == (r1 - 1) // L == c0 // L == (c1 - 1) // L
+                and r0 - (c1 - 1) >= self.lo and (r1 - 1) - c0 <= self.hi):
+            return FULL
+        for s in range(max(r0, c0) // L, min(r1 - 1, c1 - 1) // L + 1):
+            rs, re = max(r0, s * L), min(r1, (s + 1) * L)
+            cs, ce = max(c0, s * L), min(c1, (s + 1) * L)
+            if rs >= re or cs >= ce:
+                continue
+            if max(rs - (ce - 1), self.lo) <= min((re - 1) - cs, self.hi):
+                return PARTIAL
+        return SKIP
+
+
+@dataclasses.dataclass(frozen=True)
+class Pass:
+    """One pass of a pattern: its mask and whether it runs in the residue-major layout of `stride`."""
+    mask: DiagonalMask
+    stride: int = 0  # 0: natural layout
+
+    @property
+    def residue_major(self) -> bool:
+        return self.stride > 0
+
+
+def passes_for(pattern: Pattern, seq_len: int) -> list[Pass]:
+    """The passes whose union is `pattern` on a sequence of seq_len, with no pair in two passes."""
+    pattern.check_seq_len(seq_len)
+    T = seq_len
+    if pattern.kind == "dense":
+        return [Pass(DiagonalMask(T))]
+    if pattern.kind == "local":
+        return [Pass(DiagonalMask(T, 0, pattern.window - 1))]
+    if pattern.kind == "strided":
+        return [Pass(DiagonalMask(T // pattern.stride), stride=pattern.stride)]
+    if pattern.kind == "local_strided":
+        w, s = pattern.window, pattern.stride
+        out = [Pass(DiagonalMask(T, 0, w - 1))]
+        offset = math.ceil(w / s)
+        if offset < T // s:  # otherwise every strided pair is already in the band
+            out.append(Pass(DiagonalMask(T // s, offset), stride=s))
+        return out
+    raise ValueError(f"pattern {pattern} has no kernel schedule; use impl='reference' for it")
+
+
+def residue_positions(seq_len: int, stride: int) -> np.ndarray:
+    """Natural position of each flat index of the residue-major layout: flat r*P + p -> p*S + r."""
+    P = seq_len // stride
+    flat = np.arange(seq_len)
+    return (flat % P) * stride + flat // P
+
+
+def pass_pairs(p: Pass, seq_len: int) -> np.ndarray:
+    """Boolean [T, T] of natural (query, key) pairs the pass computes (for tests; O(T^2))."""
+    m = p.mask.dense(seq_len)
+    if not p.residue_major:
+        return m
+    pos = residue_positions(seq_len, p.stride)
+    out = np.zeros((seq_len, seq_len), bool)
+    out[np.ix_(pos, pos)] = m
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSchedule:
+    """Per row tile, the column blocks to visit, padded to a common number of steps.
+
+    index[t, s]: column block visited by row tile t at step s (padding repeats the last real block, so a
+    skipped step re-uses the block already in memory instead of fetching a new one).
+    kind[t, s]: SKIP (padding), PARTIAL (apply the mask) or FULL (every pair visible).
+    """
+    index: np.ndarray
+    kind: np.ndarray
+
+    @property
+    def steps(self) -> int:
+        return self.index.shape[1]
+
+    def flat(self):
+        """1-D int32 copies: scalar-prefetch arrays live in SMEM, where 2-D arrays pad badly."""
+        return self.index.astype(np.int32).reshape(-1), self.kind.astype(np.int32).reshape(-1)
+
+
+def _pad_lists(lists) -> BlockSchedule:
+    steps = max(1, max(len(x) for x in lists))
+    index = np.zeros((len(lists), steps), np.int32)
+    kind = np.zeros((len(lists), steps), np.int32)
+    for t, visits in enumerate(lists):
+        for s, (blk, k) in enumerate(visits):
+            index[t, s], kind[t, s] = blk, k
+        if visits:
+            index[t, len(visits):] = visits[-1][0]
+    return BlockSchedule(index, kind)
+
+
+@functools.lru_cache(maxsize=256)
+def forward_schedule(mask: DiagonalMask, seq_len: int, block_q: int, block_k: int) -> BlockSchedule:
+    """For each query tile, the key blocks it must visit (used by the forward and the dq kernel)."""
+    if seq_len % block_q or seq_len % block_k:
+        raise ValueError(f"sequence length {seq_len} must be a multiple of block_q={block_q} and block_k={block_k}")
+    lists = []
+    for qt in range(seq_len // block_q):
+        r0, r1 = qt * block_q, (qt + 1) * block_q
+        # candidate keys: same segment as some row, i - j <= hi, i - j >= lo
+        first = max((r0 // mask.seg_len) * mask.seg_len, r0 - mask.hi, 0)
+        last = min(r1 - 1 - mask.lo, seq_len - 1)
+        visits = []
+        for kb in range(first // block_k, last // block_k + 1) if last >= first else ():
+            k = mask.tile_kind(r0, r1, kb * block_k, (kb + 1) * block_k)
+            if k != SKIP:
+                visits.append((kb, k))
+        lists.append(visits)
+    return _pad_lists(lists)
+
+
+@functools.lru_cache(maxsize=256)
+def transposed_schedule(mask: DiagonalMask, seq_len: int, block_q: int, block_k: int) -> BlockSchedule:
+    """For each key block, the query tiles that see it (used by the dk/dv kernel)."""
+    fwd = forward_schedule(mask, seq_len, block_q, block_k)
+    lists = [[] for _ in range(seq_len // block_k)]
+    for qt in range(fwd.index.shape[0]):
+        for s in range(fwd.steps):
+            if fwd.kind[qt, s] != SKIP:
+                lists[fwd.index[qt, s]].append((qt, int(fwd.kind[qt, s])))
+    return _pad_lists(lists)
+
+
+def schedule_pairs(sched: BlockSchedule, block_rows: int, block_cols: int, n: int) -> np.ndarray:
+    """Boolean [n, n]: the (row, col) cells covered by the visited blocks (for tests)."""
+    out = np.zeros((n, n), bool)
+    for t in range(sched.index.shape[0]):
+        for s in range(sched.steps):
+            if sched.kind[t, s] != SKIP:
+                c = sched.index[t, s]
+                out[t * block_rows:(t + 1) * block_rows, c * block_cols:(c + 1) * block_cols] = True
+    return out
+
+
+def visited_fraction(mask: DiagonalMask, seq_len: int, block_q: int, block_k: int) -> float:
+    """Share of the T x T score matrix the kernel computes (tile overhead included)."""
+    sched = forward_schedule(mask, seq_len, block_q, block_k)
+    return float((sched.kind != SKIP).sum()) * block_q * block_k / seq_len ** 2
+
+
+def merge_partials(o1, l1, o2, l2, xp=np):
+    """Combine two softmax partials over disjoint key sets.
+
+    o: [..., T, D] normalized outputs, l: [..., T] log-sum-exp (-inf where a pass saw no key).
+    l = logaddexp(l1, l2); o = o1 * exp(l1 - l) + o2 * exp(l2 - l), with -inf rows given weight 0
+    rather than exp(-inf - -inf) = nan.
+    """
+    l = xp.logaddexp(l1, l2)
+    l_safe = xp.where(xp.isfinite(l), l, 0.0)
+    w1 = xp.where(xp.isfinite(l1), xp.exp(l1 - l_safe), 0.0)
+    w2 = xp.where(xp.isfinite(l2), xp.exp(l2 - l_safe), 0.0)
+    return o1 * w1[..., None] + o2 * w2[..., None], l

@@ -1,0 +1,50 @@
+"""Shared test helpers. Tests run on CPU; GPU-only tests carry the `gpu` marker and skip without one."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped without one)")
+
+
+def pytest_collection_modifyitems(config, items):
+    import jax
+
+    if jax.default_backend() == "gpu":
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+def tiny_config(**sections):
+    """A model small enough to train for hundreds of steps on a CPU in seconds.
+
+    `sections` updates config sections, e.g. tiny_config(train=dict(steps=5)).
+    """
+    from gpt_jax.config import get_base_config
+
+    c = get_base_config()
+    c.model.update(block_size=64, n_layer=2, n_head=2, n_embd=64, vocab_multiple=64, dtype="float32")
+    c.attention.update(schedule=("dense", "local_strided"), window=16, stride=16, impl="reference")
+    c.train.update(steps=20, batch_size=8, lr=3e-3, warmup_steps=5, log_every=1, eval_every=0,
+                   eval_batches=2, ckpt_every=0, sample_tokens=0)
+    for name, values in sections.items():
+        c[name].update(values)
+    return c
+
+
+def run_cli(module: str, *args: str, timeout: int = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run `python -m module args...` from the repo root, as a user would."""
+    full_env = {**os.environ, "PYTHONPATH": REPO, **(env or {})}
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout, env=full_env)

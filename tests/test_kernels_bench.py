@@ -1,0 +1,39 @@
+"""The benchmark CLI on tiny CPU sizes: every requested alternative gets a row, unavailable ones say
+why, timings are positive, and the FLOP count follows the documented pairs-based convention."""
+
+import json
+
+import jax
+
+from kernels import bench, patterns
+
+
+def test_bench_cli_writes_rows_json_and_plot(tmp_path, capsys):
+    bench.main(["--pattern", "local_strided", "--window", "64", "--stride", "32", "--seq", "128,256",
+                "--tokens", "256", "--heads", "2", "--head-dim", "16", "--dtype", "float32",
+                "--repeats", "2", "--warmup", "1", "--out", str(tmp_path)])
+    assert "TFLOP/s" in capsys.readouterr().out
+    rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
+    assert (tmp_path / "bench.png").stat().st_size > 1000
+    assert [(r["impl"], r["seq"]) for r in rows] == [(i, s) for s in (128, 256) for i in bench.ALL_IMPLS]
+    pattern = patterns.local_strided(64, 32)
+    on_cpu = jax.devices()[0].platform == "cpu"
+    for r in rows:
+        assert r["batch"] == 256 // r["seq"]
+        if r["impl"] in ("xla_mask", "reference"):  # what a CPU can run
+            assert r["status"] == "ok"
+            assert r["fwd_ms"] > 0 and r["fwd_bwd_ms"] > 0
+            assert r["pairs"] == pattern.pairs(r["seq"])
+            assert r["flops_fwd"] == pattern.pairs(r["seq"]) * 4 * 16 * 2 * r["batch"]
+            assert r["flops_fwd_bwd"] == 3.5 * r["flops_fwd"]
+        elif on_cpu:  # cuDNN, FlexAttention and our kernel (no interpreter timing asked) are not on a CPU
+            assert r["status"].startswith("n/a (") and r["status"].endswith(")")
+        else:
+            assert r["status"] == "ok" or r["status"].startswith("n/a (")
+
+
+def test_flops_formula_counts_pattern_pairs():
+    p = patterns.local_strided(256, 256)
+    # share of causal pairs quoted in ANCHORS.md for T=2048
+    assert abs(p.density(2048) - 0.238) < 5e-4
+    assert bench.flops_forward(p, 2048, 16, 16, 128) == p.pairs(2048) * 4 * 128 * 16 * 16

@@ -1,0 +1,97 @@
+"""The GPT model: parameter counts, init scales, attention dispatch and pattern equivalences."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import tiny_config
+from gpt_jax.gpt3 import gpt3_config
+from gpt_jax.model import GPT, GPTConfig, count_params
+
+# GPT-3 paper, appendix: parameter counts (millions) with vocab 50257 and context 2048.
+GPT3_PARAMS_M = {"medium": 355.9, "large": 760.3, "xl": 1315.7, "2_7b": 2651.6, "6_7b": 6658.4,
+                 "13b": 12853.4, "175b": 174604.3}
+
+
+def abstract_params(model_cfg):
+    tokens = jax.ShapeDtypeStruct((1, model_cfg.block_size), jnp.int32)
+    shapes = jax.eval_shape(lambda t: GPT(model_cfg).init(jax.random.key(0), t), tokens)
+    return nn.unbox(shapes["params"])
+
+
+def test_gpt3_small_has_exactly_125_226_240_parameters():
+    cfg = GPTConfig.from_config(gpt3_config("small"))
+    assert count_params(abstract_params(cfg)) == 125_226_240
+
+
+@pytest.mark.parametrize("size", sorted(GPT3_PARAMS_M))
+def test_gpt3_family_parameter_counts(size):
+    cfg = GPTConfig.from_config(gpt3_config(size))
+    assert count_params(abstract_params(cfg)) / 1e6 == pytest.approx(GPT3_PARAMS_M[size], rel=5e-3)
+
+
+def test_sparse_schedule_does_not_change_parameters():
+    dense_cfg = GPTConfig.from_config(gpt3_config("small"))
+    sparse_cfg = GPTConfig.from_config(gpt3_config("small", sparse=True))
+    assert [p.kind for p in sparse_cfg.patterns[:4]] == ["dense", "local_strided"] * 2
+    assert count_params(abstract_params(sparse_cfg)) == count_params(abstract_params(dense_cfg))
+
+
+def init_tiny(**attention):
+    cfg = tiny_config(attention=attention)
+    model_cfg = GPTConfig.from_config(cfg, vocab_size=100)
+    params = nn.unbox(GPT(model_cfg).init(jax.random.key(0), jnp.zeros((1, 64), jnp.int32))["params"])
+    return model_cfg, params
+
+
+def test_init_scales_follow_gpt2():
+    model_cfg, params = init_tiny()
+    std = lambda x: float(jnp.std(x))  # noqa: E731
+    assert std(params["wte"]["embedding"]) == pytest.approx(0.02, rel=0.05)
+    # Residual projections are scaled by 1/sqrt(2 * n_layer).
+    want = 0.02 / np.sqrt(2 * model_cfg.n_layer)
+    assert std(params["h_0"]["attn"]["c_proj"]["kernel"]) == pytest.approx(want, rel=0.1)
+    assert std(params["h_1"]["mlp"]["c_proj"]["kernel"]) == pytest.approx(want, rel=0.1)
+    assert float(jnp.abs(params["h_0"]["attn"]["c_attn"]["bias"]).max()) == 0.0
+    assert "lm_head" not in params  # tied: the output projection is wte
+
+
+def test_logits_are_causal():
+    model_cfg, params = init_tiny()
+    tokens = jax.random.randint(jax.random.key(1), (2, 64), 0, 100)
+    changed = tokens.at[:, 40].set((tokens[:, 40] + 1) % 100)
+    a = GPT(model_cfg).apply({"params": params}, tokens)
+    b = GPT(model_cfg).apply({"params": params}, changed)
+    np.testing.assert_array_equal(a[:, :40], b[:, :40])
+    assert float(jnp.abs(a[:, 40:] - b[:, 40:]).max()) > 0
+
+
+def test_dispatch_implementations_agree():
+    tokens = jax.random.randint(jax.random.key(2), (2, 64), 0, 100)
+    outs = {}
+    for impl in ("reference", "xla", "auto"):
+        model_cfg, params = init_tiny(impl=impl)
+        outs[impl] = GPT(model_cfg).apply({"params": params}, tokens)
+    np.testing.assert_allclose(outs["xla"], outs["reference"], atol=1e-5)
+    np.testing.assert_allclose(outs["auto"], outs["reference"], atol=1e-5)
+
+
+def test_sparse_layers_equal_dense_when_the_pattern_covers_the_context():
+    tokens = jax.random.randint(jax.random.key(3), (2, 64), 0, 100)
+    dense_cfg, params = init_tiny(schedule=("dense",))
+    wide_cfg, _ = init_tiny(schedule=("dense", "local_strided"), window=64, stride=16)
+    narrow_cfg, _ = init_tiny(schedule=("dense", "local_strided"), window=8, stride=16)
+    run = lambda cfg: GPT(cfg).apply({"params": params}, tokens)  # noqa: E731
+    np.testing.assert_allclose(run(wide_cfg), run(dense_cfg), atol=1e-5)
+    assert float(jnp.abs(run(narrow_cfg) - run(dense_cfg)).max()) > 1e-3
+
+
+def test_validation_errors():
+    cfg = tiny_config(model=dict(n_head=3))
+    with pytest.raises(ValueError, match="n_head=3 does not divide model.n_embd=64"):
+        GPTConfig.from_config(cfg, 100).validate()
+    cfg = tiny_config(model=dict(block_size=72))
+    with pytest.raises(ValueError, match="block_size=72 is not a multiple of 16"):
+        GPTConfig.from_config(cfg, 100).validate()
