@@ -169,8 +169,11 @@ class GPT(nn.Module):
     cfg: GPTConfig
 
     @nn.compact
-    def __call__(self, tokens, deterministic: bool = True):
-        """tokens [batch, seq] int32 -> logits [batch, seq, vocab] in the compute dtype."""
+    def __call__(self, tokens, deterministic: bool = True, return_hidden: bool = False):
+        """tokens [batch, seq] int32 -> logits [batch, seq, vocab] in the compute dtype.
+
+        With return_hidden, also the final LayerNorm's output [batch, seq, embd] (for reward and
+        value heads)."""
         cfg = self.cfg
         dtype, pdtype = DTYPES[cfg.dtype], DTYPES[cfg.param_dtype]
         _, seq = tokens.shape
@@ -189,8 +192,8 @@ class GPT(nn.Module):
             x = block_cls(cfg, pattern, name=f"h_{i}")(x, deterministic)
 
         x = _layer_norm(cfg, "ln_f")(x)
-        logits = wte.attend(x)  # tied output embedding
-        return nn.with_logical_constraint(logits, ("act_batch", "act_length", "act_vocab"))
+        logits = nn.with_logical_constraint(wte.attend(x), ("act_batch", "act_length", "act_vocab"))  # tied
+        return (logits, x) if return_hidden else logits
 
 
 def count_params(params) -> int:
