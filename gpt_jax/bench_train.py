@@ -1,0 +1,97 @@
+"""Steady-state training speed of an experiment: ms per iteration, tokens/s and MFU.
+
+    python -m gpt_jax.bench_train --config experiments/shakespeare_char.py \
+        --config.data.path=../shared/data/tinyshakespeare.txt [--iters 50] [--warmup 10] [--out bench.json]
+
+Times the compiled train step alone (the batches are placed on the devices beforehand), as
+nanoGPT's bench.py does; compilation and warm-up steps are left out.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import jax
+import numpy as np
+from absl import flags
+
+from gpt_jax import cli
+from gpt_jax import sharding as shd
+from gpt_jax.data import build_dataset
+from gpt_jax.errors import UserError, cli_entry
+from gpt_jax.flops import device_peak_flops, train_flops_per_token
+from gpt_jax.model import GPT
+from gpt_jax.optim import make_optimizer
+from gpt_jax.train import build_model
+from gpt_jax.train_step import Trainer
+
+
+def benchmark(config, *, iters: int, warmup: int, distinct_batches: int = 8) -> dict:
+    dataset = build_dataset(config.data, None, config.seed)
+    model_cfg = build_model(config, dataset.tokenizer.vocab_size)
+    mesh = shd.make_mesh(config.mesh)
+    train = config.train
+    shd.check_batch(train.batch_size, train.grad_accum, mesh)
+    trainer = Trainer(GPT(model_cfg), make_optimizer(train), mesh, config.sharding_rules, grad_accum=train.grad_accum)
+    state = trainer.init_state(jax.random.key(config.seed))
+    seq = model_cfg.block_size
+    batches = [shd.host_local_batch(dataset.train_batch(i, train.batch_size, seq), mesh) for i in range(distinct_batches)]
+    key = jax.random.key(1)
+
+    t0 = time.perf_counter()
+    step_fn = trainer.train_step.lower(state, batches[0], key).compile()
+    compile_s = time.perf_counter() - t0
+    for i in range(warmup):
+        state, metrics = step_fn(state, batches[i % distinct_batches], jax.random.fold_in(key, i))
+    jax.block_until_ready(metrics)
+
+    times = []
+    for i in range(iters):
+        t = time.perf_counter()
+        state, metrics = step_fn(state, batches[i % distinct_batches], jax.random.fold_in(key, warmup + i))
+        jax.block_until_ready(metrics["loss"])
+        times.append(time.perf_counter() - t)
+
+    ms = 1e3 * float(np.median(times))
+    tokens = train.batch_size * seq
+    flops = train_flops_per_token(model_cfg, seq) * tokens
+    peak = train.peak_flops or device_peak_flops()
+    return {
+        "device": jax.devices()[0].device_kind, "devices": jax.device_count(),
+        "batch_size": train.batch_size, "seq_len": seq, "params": sum(x.size for x in jax.tree_util.tree_leaves(state.params)),
+        "attention": [str(p) for p in model_cfg.patterns], "impl": config.attention.impl,
+        "compile_s": compile_s, "ms_per_iter": ms, "ms_p10": 1e3 * float(np.percentile(times, 10)),
+        "ms_p90": 1e3 * float(np.percentile(times, 90)), "tokens_per_s": tokens / (ms / 1e3),
+        "tflops_per_s": flops / (ms / 1e3) / 1e12,
+        "mfu": flops / (ms / 1e3) / (peak * jax.device_count()) if peak else None,
+        "final_loss": float(metrics["loss"]),
+    }
+
+
+def _define_flags(fv):
+    flags.DEFINE_integer("iters", 50, "timed iterations", flag_values=fv)
+    flags.DEFINE_integer("warmup", 10, "untimed iterations after compilation", flag_values=fv)
+    flags.DEFINE_string("out", "", "write the result as JSON here", flag_values=fv)
+
+
+@cli_entry
+def main(argv):
+    fv = cli.parse(argv, "gpt_jax.bench_train", _define_flags)
+    if fv.iters < 1 or fv.warmup < 0:
+        raise UserError("--iters must be at least 1 and --warmup at least 0")
+    r = benchmark(fv.config, iters=fv.iters, warmup=fv.warmup)
+    mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a (unknown peak)"
+    print(f"{r['device']} x{r['devices']}: {r['params'] / 1e6:.2f}M params, batch {r['batch_size']} x {r['seq_len']}, "
+          f"attention impl {r['impl']}")
+    print(f"compile {r['compile_s']:.1f} s")
+    print(f"{'ms/iter (median)':>18} {'p10':>7} {'p90':>7} {'tokens/s':>11} {'TFLOP/s':>8} {'MFU':>8}")
+    print(f"{r['ms_per_iter']:18.2f} {r['ms_p10']:7.2f} {r['ms_p90']:7.2f} {r['tokens_per_s']:11,.0f} "
+          f"{r['tflops_per_s']:8.2f} {mfu:>8}")
+    if fv.out:
+        with open(fv.out, "w") as f:
+            json.dump(r, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
