@@ -2,10 +2,10 @@
 
 The model calls `attend(q, k, v, pattern, impl)`; this file decides which implementation runs:
 
-| pattern | impl=auto on GPU          | on TPU / CPU                  |
-|---------|---------------------------|-------------------------------|
-| dense   | cuDNN (fused, causal)     | XLA causal attention          |
-| sparse  | kernels.sparse_attention  | kernels.sparse_attention      |
+| pattern | impl=auto on GPU          | on TPU                    | on CPU                   |
+|---------|---------------------------|---------------------------|--------------------------|
+| dense   | cuDNN (fused, causal)     | our Pallas TPU kernel     | XLA causal attention     |
+| sparse  | kernels.sparse_attention  | kernels.sparse_attention  | kernels.sparse_attention |
 
 `kernels.sparse_attention(impl="auto")` picks our Pallas kernel for the backend and falls back to
 the masked reference (with a warning) for shapes the kernel cannot take.
@@ -22,8 +22,8 @@ from kernels.reference import reference_attention
 IMPLS = ("auto", "reference", "xla", "cudnn", "pallas")
 
 
-def _on_gpu() -> bool:
-    return jax.default_backend() == "gpu"
+def _backend() -> str:
+    return jax.default_backend()
 
 
 def attend(q, k, v, pattern: Pattern, impl: str = "auto"):
@@ -34,9 +34,10 @@ def attend(q, k, v, pattern: Pattern, impl: str = "auto"):
         return reference_attention(q, k, v, pattern)
 
     if pattern.is_dense:
-        if impl == "cudnn" or (impl == "auto" and _on_gpu()):
+        if impl == "cudnn" or (impl == "auto" and _backend() == "gpu"):
             return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
-        if impl == "pallas":
+        if impl == "pallas" or (impl == "auto" and _backend() == "tpu"):
+            # XLA would materialize [seq, seq] scores per head; the flash-style kernel does not.
             return kernels.sparse_attention(q, k, v, pattern, impl="auto")
         return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="xla")
 

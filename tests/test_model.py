@@ -95,3 +95,26 @@ def test_validation_errors():
     cfg = tiny_config(model=dict(block_size=72))
     with pytest.raises(ValueError, match="block_size=72 is not a multiple of 16"):
         GPTConfig.from_config(cfg, 100).validate()
+
+
+@pytest.mark.parametrize("backend,impl,pattern,want", [
+    ("tpu", "auto", "dense", "kernels"),
+    ("cpu", "auto", "dense", "xla"),
+    ("cpu", "auto", "local_strided", "kernels"),
+    ("cpu", "pallas", "dense", "kernels"),
+    ("gpu", "auto", "dense", "cudnn"),
+    ("cpu", "xla", "local_strided", "reference"),
+])
+def test_attention_dispatch_routes(monkeypatch, backend, impl, pattern, want):
+    from gpt_jax import attention
+    from kernels.patterns import from_name
+
+    calls = []
+    monkeypatch.setattr(attention, "_backend", lambda: backend)
+    monkeypatch.setattr(attention.kernels, "sparse_attention", lambda *a, **k: calls.append("kernels"))
+    monkeypatch.setattr(attention, "reference_attention", lambda *a, **k: calls.append("reference"))
+    monkeypatch.setattr(attention.jax.nn, "dot_product_attention",
+                        lambda *a, implementation=None, **k: calls.append(implementation))
+    q = jnp.zeros((1, 16, 2, 8))
+    attention.attend(q, q, q, from_name(pattern, window=4, stride=4), impl)
+    assert calls == [want]
