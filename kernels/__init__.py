@@ -55,7 +55,8 @@ def _run(impl, q, k, v, pattern, block_q, block_k, interpret):
         return sparse_attention_tpu(q, k, v, pattern, block_q=block_q, block_k=block_k, interpret=interpret)
     if impl == "pallas_gpu":
         from kernels.pallas_gpu import sparse_attention_gpu
-        return sparse_attention_gpu(q, k, v, pattern, block_q=block_q, block_k=block_k)
+        return sparse_attention_gpu(q, k, v, pattern, block_q=block_q, block_k=block_k,
+                                    interpret=interpret or False)
     raise ValueError(f"unknown impl {impl!r}; expected one of {IMPLS}")
 
 
@@ -70,7 +71,8 @@ def sparse_attention(q, k, v, pattern: Pattern, *, impl: str = "auto", block_q: 
     interpreter), "pallas_gpu" (Mosaic GPU, compute capability >= 9), or "auto": pallas_gpu on
     Hopper+, pallas_tpu on TPU, reference elsewhere; when the chosen kernel cannot take the inputs
     (it raises ValueError) auto warns and uses the reference instead. A forced impl raises.
-    block_q/block_k: kernel tile sizes (None: the kernel's default). interpret: pallas_tpu only.
+    block_q/block_k: kernel tile sizes (None: the kernel's default). interpret: pallas_tpu (None: the
+    TPU interpreter off-TPU) and pallas_gpu (True: the Mosaic GPU interpreter, on any backend).
     """
     _check_shapes(q, k, v, pattern)
     if impl not in IMPLS:
@@ -78,6 +80,13 @@ def sparse_attention(q, k, v, pattern: Pattern, *, impl: str = "auto", block_q: 
     if impl != "auto":
         return _run(impl, q, k, v, pattern, block_q, block_k, interpret)
     chosen = auto_impl()
+    if chosen == "pallas_gpu":
+        from kernels import pallas_gpu
+        if not pallas_gpu.VERIFIED_ON_GPU:  # lowered and interpreted on CPU only; see kernels/NOTES.md
+            warnings.warn("sparse_attention: the pallas_gpu kernel has not been verified on a GPU yet "
+                          "(kernels.pallas_gpu.VERIFIED_ON_GPU); using the reference implementation, which "
+                          "materializes the [seq, seq] scores; force impl='pallas_gpu' to run it", stacklevel=2)
+            return reference_attention(q, k, v, pattern)
     try:
         return _run(chosen, q, k, v, pattern, block_q, block_k, interpret)
     except UnsupportedInput as e:

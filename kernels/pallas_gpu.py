@@ -1,8 +1,181 @@
-"""Mosaic GPU kernel for sparse attention: not written yet (see kernels/NOTES.md)."""
+"""Pallas Mosaic GPU kernel (H100) for dense, local, strided and local+strided causal attention, fwd + bwd.
+
+Same route as the TPU kernel (kernels/schedule.py, DESIGN.md "Making local+strided fast"):
+  band pass      natural layout; each query tile visits only the key blocks within the window;
+  strided pass   residue-major layout (flat r*P + p holds position p*S + r, P = T/S): a causal
+                 attention with diagonal offset ceil(window/S), residues packed block-diagonally
+                 into a tile when P is small;
+  merge          the passes' (o, lse) by logsumexp (schedule.merge_partials, guarded for -inf rows);
+  backward       from the merged o and lse, each pass's flash backward (dq kernel over the forward
+                 ranges, dk/dv kernel over the transposed ranges); contributions add.
+The kernels themselves (wgmma, TMA ring buffers, a memory warpgroup) are in pallas_gpu_kernels.py.
+
+Status (see kernels/NOTES.md): checked numerically on CPU in the Mosaic GPU interpreter and lowered
+for CUDA on CPU; not yet run on an H100. `VERIFIED_ON_GPU` gates `impl="auto"`.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
 
 from kernels.errors import UnsupportedInput
+from kernels.patterns import Pattern
+from kernels.schedule import Pass, merge_partials, passes_for
+
+# Flip to True in a GPU session once tests/test_kernels_gpu.py passes on an H100; until then
+# sparse_attention(impl="auto") warns and uses the reference on GPUs (impl="pallas_gpu" always runs it).
+VERIFIED_ON_GPU = False
+
+SUPPORTED_KINDS = ("dense", "local", "strided", "local_strided")
+COMPILED_DTYPES = (jnp.bfloat16, jnp.float16)
+INTERPRET_DTYPES = COMPILED_DTYPES + (jnp.float32,)
+HEAD_DIMS = (64, 128)
+LOG2E = 1.4426950408889634
+BWD_BLOCK = 64  # streamed block of the dq and dk/dv kernels (shared memory: see _backward)
 
 
-def sparse_attention_gpu(q, k, v, pattern, *, block_q=None, block_k=None):
-    raise UnsupportedInput("the pallas_gpu kernel is not implemented yet; use impl='reference' "
-                           "(or jax.nn.dot_product_attention(implementation='cudnn') for dense causal)")
+def _kernels():
+    from kernels import pallas_gpu_kernels  # imports jax.experimental.pallas.mosaic_gpu lazily
+    return pallas_gpu_kernels
+
+
+def default_block_k(pattern: Pattern) -> int:
+    """Streamed key (and, in dk/dv, query) block: 128 rows, or 64 for windows of at most 64."""
+    return 64 if pattern.kind in ("local", "local_strided") and pattern.window <= 64 else 128
+
+
+def check_supported(q, k, v, pattern: Pattern, block_q: int, block_k: int, interpret) -> None:
+    """Raise UnsupportedInput (a ValueError) naming what to change."""
+    if pattern.kind not in SUPPORTED_KINDS:
+        raise UnsupportedInput(f"pallas_gpu supports patterns {SUPPORTED_KINDS}, not {pattern}; use impl='reference'")
+    b, t, h, d = q.shape
+    if k.shape != v.shape or k.shape[0] != b or k.shape[1] != t or k.shape[3] != d:
+        raise UnsupportedInput(f"pallas_gpu needs self-attention shapes: q {q.shape}, k {k.shape}, v {v.shape}")
+    if h % k.shape[2]:
+        raise UnsupportedInput(f"query heads {h} must be a multiple of kv heads {k.shape[2]}")
+    allowed = INTERPRET_DTYPES if interpret else COMPILED_DTYPES
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if x.dtype != q.dtype or x.dtype not in allowed:
+            raise UnsupportedInput(
+                f"pallas_gpu takes bfloat16 or float16 q, k, v of one dtype (float32 only in interpret "
+                f"mode: wgmma would run it as tf32); {name} is {x.dtype}; cast to bfloat16")
+    if d not in HEAD_DIMS:
+        raise UnsupportedInput(f"pallas_gpu needs head_dim in {HEAD_DIMS}, got {d}")
+    if block_q != 64:
+        raise UnsupportedInput(f"pallas_gpu needs block_q=64 (rows per warpgroup; a CTA has two), got {block_q}")
+    if block_k % 64 or block_k > 256:
+        raise UnsupportedInput(f"pallas_gpu needs block_k in (64, 128, 192, 256), got {block_k}")
+    if t % 128 or t % block_k:
+        raise UnsupportedInput(f"pallas_gpu needs the sequence length {t} to be a multiple of 128 and of "
+                               f"block_k={block_k}")
+    pattern.check_seq_len(t)
+
+
+# ------------------------------------------------------------------------------------------- layouts
+
+def _to_residues(x, stride):
+    """[B, T, ...] -> [B, T, ...] along axis 1 with flat index r*P + p holding position p*S + r."""
+    b, t = x.shape[:2]
+    return x.reshape(b, t // stride, stride, *x.shape[2:]).swapaxes(1, 2).reshape(x.shape)
+
+
+def _from_residues(x, stride):
+    b, t = x.shape[:2]
+    return x.reshape(b, stride, t // stride, *x.shape[2:]).swapaxes(1, 2).reshape(x.shape)
+
+
+def _seq_layout(p: Pass):
+    """(to, back) for [B, T, H, D] arrays; the [B, H, T] lse/delta arrays use _lse_layout."""
+    if not p.residue_major:
+        return (lambda x: x), (lambda x: x)
+    return (lambda x: _to_residues(x, p.stride)), (lambda x: _from_residues(x, p.stride))
+
+
+def _lse_layout(p: Pass):
+    to, back = _seq_layout(p)
+    return (lambda x: to(x.swapaxes(1, 2)).swapaxes(1, 2)), (lambda x: back(x.swapaxes(1, 2)).swapaxes(1, 2))
+
+
+def _config(p: Pass, t, block_q, block_k, interpret, dkv=False):
+    K = _kernels()
+    if dkv:  # per-warpgroup key rows = 64 (wgmma M), streamed query blocks of block_k
+        return K.PassConfig(p.mask, t, block_q=block_k, block_k=block_q, interpret=interpret)
+    return K.PassConfig(p.mask, t, block_q=block_q, block_k=block_k, interpret=interpret)
+
+
+# ------------------------------------------------------------------------------------------ passes
+
+def _forward(q, k, v, pattern, block_q, block_k, interpret):
+    """o [B, T, H, D] in q.dtype, lse [B, H, T] f32."""
+    t = q.shape[1]
+    partials = []
+    for p in passes_for(pattern, t):
+        to, back = _seq_layout(p)
+        _, lback = _lse_layout(p)
+        o, lse = _kernels().pass_forward(to(q), to(k), to(v), _config(p, t, block_q, block_k, interpret))
+        partials.append((back(o), lback(lse)))
+    if len(partials) == 1:
+        return partials[0]
+    (o1, l1), (o2, l2) = partials
+    o, lse = merge_partials(o1.astype(jnp.float32), l1.swapaxes(1, 2), o2.astype(jnp.float32),
+                            l2.swapaxes(1, 2), xp=jnp)
+    return o.astype(q.dtype), lse.swapaxes(1, 2)
+
+
+def _backward(q, k, v, o, lse, do, pattern, block_q, block_k, interpret):
+    b, t, h, d = q.shape
+    hk = k.shape[2]
+    delta = jnp.einsum("bthd,bthd->bht", do.astype(jnp.float32), o.astype(jnp.float32))
+    lse2 = jnp.where(jnp.isneginf(lse), jnp.inf, lse * LOG2E)  # rows with no key: P = exp2(s - inf) = 0
+    do = do.astype(q.dtype)
+    block_k = BWD_BLOCK  # f32 dq/dk/dv staging + resident q/dO (or k/v) leave room for a 64-row ring only
+    dq = dk = dv = 0.0
+    for p in passes_for(pattern, t):
+        to, back = _seq_layout(p)
+        lto, _ = _lse_layout(p)
+        args = (to(q), to(k), to(v), to(do), lto(lse2), lto(delta))
+        dq = dq + back(_kernels().pass_dq(*args, _config(p, t, block_q, block_k, interpret)))
+        gk, gv = _kernels().pass_dkv(*args, _config(p, t, block_q, block_k, interpret, dkv=True))
+        dk, dv = dk + back(gk), dv + back(gv)
+    dk = dk.reshape(b, t, hk, h // hk, d).sum(axis=3)
+    dv = dv.reshape(b, t, hk, h // hk, d).sum(axis=3)
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _attention(q, k, v, pattern, block_q, block_k, interpret):
+    return _forward(q, k, v, pattern, block_q, block_k, interpret)[0]
+
+
+def _attention_fwd(q, k, v, pattern, block_q, block_k, interpret):
+    o, lse = _forward(q, k, v, pattern, block_q, block_k, interpret)
+    return o, (q, k, v, o, lse)
+
+
+def _attention_bwd(pattern, block_q, block_k, interpret, res, do):
+    q, k, v, o, lse = res
+    return _backward(q, k, v, o, lse, do, pattern, block_q, block_k, interpret)
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+def sparse_attention_gpu(q, k, v, pattern: Pattern, *, block_q: int | None = None, block_k: int | None = None,
+                         interpret=False):
+    """Causal sparse attention with Mosaic GPU kernels. q: [B, T, H, D], k/v: [B, T, Hk, D] -> [B, T, H, D].
+
+    block_q: query rows per compute warpgroup (64; a CTA runs two). block_k: streamed key block of the
+    forward and dq kernels, and streamed query block of the dk/dv kernel (default `default_block_k`).
+    interpret: False compiles for the GPU; True (or a plgpu.InterpretGPUParams) runs the Mosaic GPU
+    interpreter on any backend (slow; float32 inputs allowed there).
+    """
+    block_q = block_q or 64
+    block_k = block_k or default_block_k(pattern)
+    check_supported(q, k, v, pattern, block_q, block_k, interpret)
+    if interpret is True:
+        from jax.experimental.pallas import mosaic_gpu as plgpu
+        interpret = plgpu.InterpretGPUParams()
+    return _attention(q, k, v, pattern, block_q, block_k, interpret or False)

@@ -205,3 +205,52 @@ def merge_partials(o1, l1, o2, l2, xp=np):
     w1 = xp.where(xp.isfinite(l1), xp.exp(l1 - l_safe), 0.0)
     w2 = xp.where(xp.isfinite(l2), xp.exp(l2 - l_safe), 0.0)
     return o1 * w1[..., None] + o2 * w2[..., None], l
+
+
+# --------------------------------------------------------------------------- block ranges (GPU kernel)
+#
+# The Mosaic GPU kernel has no scalar prefetch, so instead of reading per-tile lists it computes, from
+# the tile's first row, one contiguous range of blocks to visit and, inside it, the sub-range that needs
+# no mask. The same formulas run on numpy ints here (tests compare them with `forward_schedule` /
+# `transposed_schedule`) and on int32 scalars inside the kernel. `div` must be floor division on
+# non-negative ints (lax.div in the kernel); `xp` provides maximum/minimum/where.
+
+def _ceil_div_nonneg(x, b, xp, div):
+    return div(xp.maximum(x, 0) + (b - 1), b)
+
+
+def row_tile_range(mask: DiagonalMask, seq_len: int, r0, rows: int, blk: int, xp=np, div=np.floor_divide):
+    """Rows [r0, r0 + rows) against column blocks of `blk`: (lo, hi, full_lo, full_hi) with
+    lo <= full_lo <= full_hi <= hi. Blocks [lo, hi) contain every visible pair of the tile; blocks in
+    [full_lo, full_hi) have every pair of the tile visible (no mask needed)."""
+    L, r1 = mask.seg_len, r0 + rows
+    seg_start = div(r0, L) * L
+    first = xp.maximum(xp.maximum(seg_start, r0 - mask.hi), 0)
+    last = r1 - 1 - mask.lo
+    lo = div(first, blk)
+    hi = xp.where(last >= first, div(xp.maximum(last, 0), blk) + 1, lo)
+    # no mask: (r1 - 1) - c0 <= hi, c1 - 1 <= r0 - lo, and the tile and the block in one segment
+    f_lo = xp.maximum(_ceil_div_nonneg(r1 - 1 - mask.hi, blk, xp, div), _ceil_div_nonneg(seg_start, blk, xp, div))
+    f_hi = div(xp.maximum(r0 - mask.lo + 1, 0), blk)
+    f_hi = xp.where(div(r0, L) == div(r1 - 1, L), f_hi, 0)
+    f_lo = xp.minimum(xp.maximum(f_lo, lo), hi)
+    f_hi = xp.maximum(xp.minimum(f_hi, hi), f_lo)
+    return lo, hi, f_lo, f_hi
+
+
+def col_tile_range(mask: DiagonalMask, seq_len: int, c0, cols: int, blk: int, xp=np, div=np.floor_divide):
+    """Columns (keys) [c0, c0 + cols) against row (query) blocks of `blk`, as `row_tile_range`:
+    the query blocks that see the key tile, for the dk/dv kernel."""
+    L, c1 = mask.seg_len, c0 + cols
+    seg_end = (div(c1 - 1, L) + 1) * L
+    first = c0 + mask.lo
+    last = xp.minimum(xp.minimum(c1 - 1 + xp.minimum(mask.hi, seq_len), seg_end - 1), seq_len - 1)
+    lo = xp.minimum(div(xp.minimum(first, seq_len), blk), seq_len // blk)
+    hi = xp.where(last >= first, div(xp.maximum(last, 0), blk) + 1, lo)
+    # no mask: i0 - (c1 - 1) >= lo, (i0 + blk - 1) - c0 <= hi, the key tile and the block in one segment
+    f_lo = _ceil_div_nonneg(c1 - 1 + mask.lo, blk, xp, div)
+    f_hi = xp.minimum(div(c0 + xp.minimum(mask.hi, seq_len) + 1, blk), div(seg_end, blk))
+    f_hi = xp.where(div(c0, L) == div(c1 - 1, L), f_hi, 0)
+    f_lo = xp.minimum(xp.maximum(f_lo, lo), hi)
+    f_hi = xp.maximum(xp.minimum(f_hi, hi), f_lo)
+    return lo, hi, f_lo, f_hi

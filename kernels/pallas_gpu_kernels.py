@@ -1,0 +1,370 @@
+"""The three Mosaic GPU kernels of one attention pass: forward, dq, and dk/dv (H100, wgmma + TMA).
+
+Each kernel is a flash-attention over one pass's `DiagonalMask` (kernels/schedule.py) on arrays laid
+out [batch, seq, heads, head_dim] (the strided pass gets them already in residue-major order).
+A CTA owns `W` tiles of 64 rows (one per compute warpgroup) and one memory warpgroup that streams
+the other operand's blocks through a ring of `slots` shared-memory buffers with TMA:
+
+    memory WG   for blk in [cta_lo, cta_hi): wait consumed[slot]; TMA blk -> ring[slot], arrive ready[slot]
+    compute WG  for blk in [cta_lo, cta_hi): wait ready[slot]; work on it (or skip); arrive consumed[slot]
+
+[cta_lo, cta_hi) is the union of the warpgroups' own ranges from `schedule.row_tile_range` /
+`col_tile_range` (computed on int32 scalars in the kernel, so no block lists need to reach it). Each
+warpgroup runs five loops over that range: skip, masked, unmasked, masked, skip; a skipped block is
+still waited for and released, because Mosaic GPU barriers track their phase per waiter.
+
+Scores are kept in log2 units (exp2 on the MUFU). Masked scores are -inf; the running max is
+replaced by 0 for the exp when it is still -inf, so a row with no visible key so far adds nothing.
+
+Accumulation: `_mma` adds a wgmma product to a register accumulator. Compiled, it passes the
+accumulator to wgmma (`pl.run_state`, as jax's attention_mgpu does); the GPU interpreter cannot run
+`run_state`, so under interpretation it computes the product in a fresh scoped accumulator and adds
+it. The arithmetic is the same; only that one call differs between the two modes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from kernels.schedule import DiagonalMask, col_tile_range, row_tile_range
+
+LOG2E = math.log2(math.e)
+LN2 = math.log(2.0)
+ROWS = 64  # rows of one compute warpgroup's tile (the wgmma M dimension)
+
+
+@dataclasses.dataclass(frozen=True)
+class PassConfig:
+    """Static description of one kernel launch (hashable)."""
+    mask: DiagonalMask
+    seq_len: int
+    block_q: int  # query rows per tile (fwd/dq: per warpgroup; dkv: streamed block)
+    block_k: int  # key rows per tile (fwd/dq: streamed block; dkv: per warpgroup)
+    compute_wgs: int = 2
+    slots: int = 2
+    interpret: object = False
+
+
+def _div(a, b):
+    return lax.div(jnp.asarray(a, jnp.int32), jnp.asarray(b, jnp.int32))
+
+
+def _transforms(dtype):
+    """TMA/wgmma shared-memory layout: 128-byte swizzle, tiles of (8, 128 bytes)."""
+    return (plgpu.TilingTransform((8, 128 // jnp.dtype(dtype).itemsize)), plgpu.SwizzleTransform(128))
+
+
+def _mma(acc, a, b, interpret):
+    """acc + a @ b with wgmma (acc None: a fresh product). a: registers or SMEM, b: SMEM."""
+    def product(acc_ref):
+        plgpu.wgmma(acc_ref, a, b)
+        return acc_ref[...]
+    shape = (a.shape[0], b.shape[1])
+    in_regs = not hasattr(a, "transforms") and not hasattr(a, "ref")  # an array, not a (transformed) ref
+    if interpret and in_regs:
+        # The interpreter's wgmma takes SMEM operands only; the same product from the registers.
+        prod = jnp.dot(a, b[...], preferred_element_type=jnp.float32)
+        return prod if acc is None else acc + prod
+    if acc is None:
+        return pl.run_scoped(product, plgpu.ACC(shape, jnp.float32))
+    if interpret:
+        return acc + pl.run_scoped(product, plgpu.ACC(shape, jnp.float32))
+    return pl.run_state(lambda acc_ref: plgpu.wgmma(acc_ref, a, b))(plgpu.ACC.init(acc))
+
+
+def _visible(mask: DiagonalMask, seq_len, queries0, keys0, shape, transposed=False):
+    """Boolean tile of `mask` in the WGMMA register layout, for queries i from queries0 and keys j
+    from keys0: i along dimension 0 and j along 1, or the other way round when transposed."""
+    qdim, kdim = (1, 0) if transposed else (0, 1)
+    i = queries0 + plgpu.broadcasted_iota(jnp.int32, shape, qdim, layout=plgpu.Layout.WGMMA)
+    j = keys0 + plgpu.broadcasted_iota(jnp.int32, shape, kdim, layout=plgpu.Layout.WGMMA)
+    d = i - j
+    vis = d >= mask.lo
+    if mask.hi < seq_len:
+        vis = vis & (d <= mask.hi)
+    if mask.seg_len < seq_len:  # packed residues: block-diagonal
+        seg = jnp.full(shape, mask.seg_len, jnp.int32)
+        vis = vis & (lax.div(i, seg) == lax.div(j, seg))
+    return vis
+
+
+def _rows(x, shape):
+    return lax.broadcast_in_dim(x, shape, [0])
+
+
+def _cols(x, shape):
+    return lax.broadcast_in_dim(x, shape, [1])
+
+
+def _stream(wg, cfg: PassConfig, ranges, issue, step, ready, consumed):
+    """Run the memory warpgroup (issue(blk, slot) starts the TMA copies of block blk into ring slot)
+    and, on each compute warpgroup, step(blk, slot, carry, masked) over its own range.
+    ranges: per-warpgroup (lo, hi, full_lo, full_hi) of the calling warpgroup, and the CTA union.
+    Returns compute(carry) -> final carry, for the caller to run on its compute warpgroups."""
+    (lo, hi, f_lo, f_hi), (cta_lo, cta_hi) = ranges
+    slots = cfg.slots
+
+    @pl.when(wg == cfg.compute_wgs)
+    def _memory():
+        plgpu.set_max_registers(40, action="decrease")
+        for i in range(slots):
+            pl.when(cta_lo + i < cta_hi)(functools.partial(issue, cta_lo + i, i))
+
+        @pl.loop(cta_lo + slots, cta_hi)
+        def _refill(blk):
+            slot = lax.rem(blk - cta_lo, slots)
+            plgpu.barrier_wait(consumed.at[slot])
+            issue(blk, slot)
+
+        # Observe the last releases too, so every waiter has seen every phase of every barrier
+        # (the interpreter checks it; on the GPU it only keeps this warpgroup until the CTA ends).
+        @pl.loop(jnp.maximum(cta_lo, cta_hi - slots), cta_hi)
+        def _drain(blk):
+            plgpu.barrier_wait(consumed.at[lax.rem(blk - cta_lo, slots)])
+
+    def visit(mode, blk, carry):
+        slot = lax.rem(blk - cta_lo, slots)
+        plgpu.barrier_wait(ready.at[slot])
+        if mode != "skip":
+            carry = step(blk, slot, carry, mode == "masked")
+            if cfg.interpret:
+                # The interpreter orders generic-proxy reads before the next TMA (async proxy) write
+                # into the slot only through a proxy fence; on the GPU the mbarrier release suffices
+                # for this write-after-read (as in CUTLASS's TMA pipelines), so compiled code skips it.
+                plgpu.commit_smem()
+        plgpu.barrier_arrive(consumed.at[slot])
+        return carry
+
+    def compute(carry):
+        plgpu.set_max_registers(232 if cfg.compute_wgs == 2 else 240, action="increase")
+        for mode, a, b in (("skip", cta_lo, lo), ("masked", lo, f_lo), ("full", f_lo, f_hi),
+                           ("masked", f_hi, hi), ("skip", hi, cta_hi)):
+            carry = lax.fori_loop(a, b, functools.partial(visit, mode), carry)
+        return carry
+
+    return compute
+
+
+def _cta_ranges(range_fn, tile0, cfg: PassConfig, rows, blk, wg):
+    """Own range of warpgroup `wg` and the union over the CTA's warpgroups."""
+    per_wg = [range_fn(cfg.mask, cfg.seq_len, tile0 + w * rows, rows, blk, xp=jnp, div=_div)
+              for w in range(cfg.compute_wgs)]
+    cta_lo = functools.reduce(jnp.minimum, [r[0] for r in per_wg])
+    cta_hi = jnp.maximum(functools.reduce(jnp.maximum, [r[1] for r in per_wg]), cta_lo)
+    own = range_fn(cfg.mask, cfg.seq_len, tile0 + wg * rows, rows, blk, xp=jnp, div=_div)
+    return own, (cta_lo, cta_hi)
+
+
+def _program():
+    return (lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("tiles"), lax.axis_index("wg"))
+
+
+def _launch(body, cfg, out_type, scratch, grid):
+    return plgpu.kernel(body, out_type=out_type, scratch_types=scratch, grid=grid,
+                        grid_names=("heads", "tiles", "batch"), num_threads=cfg.compute_wgs + 1,
+                        thread_name="wg", compiler_params=plgpu.CompilerParams(approx_math=True),
+                        interpret=cfg.interpret)
+
+
+# --------------------------------------------------------------------------------------------- forward
+
+def pass_forward(q, k, v, cfg: PassConfig):
+    """q: [B, T, H, D], k/v: [B, T, Hk, D] -> o [B, T, H, D] (q.dtype), lse [B, H, T] f32 (natural
+    log; -inf for rows with no visible key, whose o is 0)."""
+    B, T, H, D = q.shape
+    group = H // k.shape[2]
+    W, bq, bk, slots, dtype = cfg.compute_wgs, cfg.block_q, cfg.block_k, cfg.slots, q.dtype
+    scale2 = D ** -0.5 * LOG2E
+
+    def body(q_ref, k_ref, v_ref, o_ref, lse_ref, q_smem, k_smem, v_smem, lse_smem, q_bar, ready, consumed):
+        b, h, tile, wg = _program()
+        kvh = lax.div(h, group)
+        r0 = tile * (W * bq) + wg * bq
+        ranges = _cta_ranges(row_tile_range, tile * (W * bq), cfg, bq, bk, wg)
+
+        def issue(blk, slot):
+            src = (b, pl.ds(blk * bk, bk), kvh)
+            plgpu.copy_gmem_to_smem(k_ref.at[src], k_smem.at[slot], ready.at[slot])
+            plgpu.copy_gmem_to_smem(v_ref.at[src], v_smem.at[slot], ready.at[slot])
+
+        def step(blk, slot, carry, masked):
+            acc, m, l = carry
+            s = _mma(None, q_smem.at[wg], k_smem.at[slot].T, cfg.interpret) * scale2
+            if masked:
+                s = jnp.where(_visible(cfg.mask, T, r0, blk * bk, s.shape), s, -jnp.inf)
+            m_new = jnp.maximum(m, s.max(axis=1))
+            m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+            p = jnp.exp2(s - _rows(m_use, s.shape))
+            alpha = jnp.exp2(m - m_use)
+            l = l * alpha + p.sum(axis=1)
+            acc = _mma(acc * _rows(alpha, acc.shape), p.astype(dtype), v_smem.at[slot], cfg.interpret)
+            return acc, m_new, l
+
+        acc0 = plgpu.layout_cast(jnp.zeros((bq, D), jnp.float32), plgpu.Layout.WGMMA)
+        m0 = plgpu.layout_cast(jnp.full((bq,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+        l0 = plgpu.layout_cast(jnp.zeros((bq,), jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+        compute = _stream(wg, cfg, ranges, issue, step, ready, consumed)
+
+        @pl.when(wg < W)
+        def _compute():
+            plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(r0, bq), h], q_smem.at[wg], q_bar.at[wg])
+            plgpu.barrier_wait(q_bar.at[wg])
+            acc, m, l = compute((acc0, m0, l0))
+            empty = l == 0.0
+            l_safe = jnp.where(empty, 1.0, l)
+            q_smem.at[wg][...] = (acc / _rows(l_safe, acc.shape)).astype(dtype)
+            lse_smem.at[wg][...] = jnp.where(empty, -jnp.inf, (m + jnp.log2(l_safe)) * LN2)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(q_smem.at[wg], o_ref.at[b, pl.ds(r0, bq), h])
+            plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[b, h, pl.ds(r0, bq)])
+            plgpu.wait_smem_to_gmem(0)
+
+    tr = _transforms(dtype)
+    scratch = [plgpu.SMEM((W, bq, D), dtype, transforms=tr),
+               plgpu.SMEM((slots, bk, D), dtype, transforms=tr),
+               plgpu.SMEM((slots, bk, D), dtype, transforms=tr),
+               plgpu.SMEM((W, bq), jnp.float32),
+               plgpu.Barrier(num_barriers=W),
+               plgpu.Barrier(num_arrivals=2, num_barriers=slots),
+               plgpu.Barrier(num_arrivals=W, num_barriers=slots)]
+    out_type = [jax.ShapeDtypeStruct((B, T, H, D), dtype), jax.ShapeDtypeStruct((B, H, T), jnp.float32)]
+    return _launch(body, cfg, out_type, scratch, (H, T // (W * bq), B))(q, k, v)
+
+
+# -------------------------------------------------------------------------------------------- backward
+
+def pass_dq(q, k, v, do, lse2, delta, cfg: PassConfig):
+    """dq of one pass, float32 [B, T, H, D]. lse2: [B, H, T] merged lse in log2 units (+inf for rows
+    with no key at all); delta: [B, H, T] rowsum(dO * o)."""
+    B, T, H, D = q.shape
+    group = H // k.shape[2]
+    W, bq, bk, slots, dtype = cfg.compute_wgs, cfg.block_q, cfg.block_k, cfg.slots, q.dtype
+    scale = D ** -0.5
+
+    def body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref,
+             q_smem, do_smem, lse_smem, delta_smem, k_smem, v_smem, out_smem, res_bar, ready, consumed):
+        b, h, tile, wg = _program()
+        kvh = lax.div(h, group)
+        r0 = tile * (W * bq) + wg * bq
+        ranges = _cta_ranges(row_tile_range, tile * (W * bq), cfg, bq, bk, wg)
+
+        def issue(blk, slot):
+            src = (b, pl.ds(blk * bk, bk), kvh)
+            plgpu.copy_gmem_to_smem(k_ref.at[src], k_smem.at[slot], ready.at[slot])
+            plgpu.copy_gmem_to_smem(v_ref.at[src], v_smem.at[slot], ready.at[slot])
+
+        def step(blk, slot, carry, masked):
+            dq, lse, delta = carry
+            s = _mma(None, q_smem.at[wg], k_smem.at[slot].T, cfg.interpret)
+            p = jnp.exp2(s * (scale * LOG2E) - _rows(lse, s.shape))
+            if masked:
+                p = jnp.where(_visible(cfg.mask, T, r0, blk * bk, s.shape), p, 0.0)
+            dp = _mma(None, do_smem.at[wg], v_smem.at[slot].T, cfg.interpret)
+            ds = p * (dp - _rows(delta, dp.shape))
+            dq = _mma(dq, ds.astype(dtype), k_smem.at[slot], cfg.interpret)
+            return dq, lse, delta
+
+        compute = _stream(wg, cfg, ranges, issue, step, ready, consumed)
+
+        @pl.when(wg < W)
+        def _compute():
+            rows = (b, pl.ds(r0, bq), h)
+            plgpu.copy_gmem_to_smem(q_ref.at[rows], q_smem.at[wg], res_bar.at[wg])
+            plgpu.copy_gmem_to_smem(do_ref.at[rows], do_smem.at[wg], res_bar.at[wg])
+            plgpu.copy_gmem_to_smem(lse_ref.at[b, h, pl.ds(r0, bq)], lse_smem.at[wg], res_bar.at[wg])
+            plgpu.copy_gmem_to_smem(delta_ref.at[b, h, pl.ds(r0, bq)], delta_smem.at[wg], res_bar.at[wg])
+            plgpu.barrier_wait(res_bar.at[wg])
+            lse = plgpu.load(lse_smem.at[wg], layout=plgpu.Layout.WGMMA.reduce(1))
+            delta = plgpu.load(delta_smem.at[wg], layout=plgpu.Layout.WGMMA.reduce(1))
+            dq0 = plgpu.layout_cast(jnp.zeros((bq, D), jnp.float32), plgpu.Layout.WGMMA)
+            dq, _, _ = compute((dq0, lse, delta))
+            out_smem.at[wg][...] = dq * scale
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(out_smem.at[wg], dq_ref.at[rows])
+            plgpu.wait_smem_to_gmem(0)
+
+    tr = _transforms(dtype)
+    scratch = [plgpu.SMEM((W, bq, D), dtype, transforms=tr), plgpu.SMEM((W, bq, D), dtype, transforms=tr),
+               plgpu.SMEM((W, bq), jnp.float32), plgpu.SMEM((W, bq), jnp.float32),
+               plgpu.SMEM((slots, bk, D), dtype, transforms=tr), plgpu.SMEM((slots, bk, D), dtype, transforms=tr),
+               plgpu.SMEM((W, bq, D), jnp.float32),
+               plgpu.Barrier(num_arrivals=4, num_barriers=W),
+               plgpu.Barrier(num_arrivals=2, num_barriers=slots),
+               plgpu.Barrier(num_arrivals=W, num_barriers=slots)]
+    out_type = jax.ShapeDtypeStruct((B, T, H, D), jnp.float32)
+    return _launch(body, cfg, out_type, scratch, (H, T // (W * bq), B))(q, k, v, do, lse2, delta)
+
+
+def pass_dkv(q, k, v, do, lse2, delta, cfg: PassConfig):
+    """dk, dv of one pass per query head, float32 [B, T, H, D] each (the caller sums GQA groups)."""
+    B, T, H, D = q.shape
+    group = H // k.shape[2]
+    W, bq, bk, slots, dtype = cfg.compute_wgs, cfg.block_q, cfg.block_k, cfg.slots, q.dtype
+    scale = D ** -0.5
+
+    def body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
+             k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, out_smem, res_bar, ready, consumed):
+        b, h, tile, wg = _program()
+        kvh = lax.div(h, group)
+        c0 = tile * (W * bk) + wg * bk
+        ranges = _cta_ranges(col_tile_range, tile * (W * bk), cfg, bk, bq, wg)
+
+        def issue(blk, slot):
+            src = (b, pl.ds(blk * bq, bq), h)
+            plgpu.copy_gmem_to_smem(q_ref.at[src], q_smem.at[slot], ready.at[slot])
+            plgpu.copy_gmem_to_smem(do_ref.at[src], do_smem.at[slot], ready.at[slot])
+            plgpu.copy_gmem_to_smem(lse_ref.at[b, h, pl.ds(blk * bq, bq)], lse_smem.at[slot], ready.at[slot])
+            plgpu.copy_gmem_to_smem(delta_ref.at[b, h, pl.ds(blk * bq, bq)], delta_smem.at[slot], ready.at[slot])
+
+        def step(blk, slot, carry, masked):
+            dk, dv = carry
+            st = _mma(None, k_smem.at[wg], q_smem.at[slot].T, cfg.interpret)  # [bk, bq]
+            lse = plgpu.load(lse_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
+            pt = jnp.exp2(st * (scale * LOG2E) - _cols(lse, st.shape))
+            if masked:  # visible(i = query, j = key) on the transposed tile
+                pt = jnp.where(_visible(cfg.mask, T, blk * bq, c0, st.shape, transposed=True), pt, 0.0)
+            dv = _mma(dv, pt.astype(dtype), do_smem.at[slot], cfg.interpret)
+            dpt = _mma(None, v_smem.at[wg], do_smem.at[slot].T, cfg.interpret)
+            delta = plgpu.load(delta_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
+            dst = pt * (dpt - _cols(delta, dpt.shape))
+            dk = _mma(dk, dst.astype(dtype), q_smem.at[slot], cfg.interpret)
+            return dk, dv
+
+        compute = _stream(wg, cfg, ranges, issue, step, ready, consumed)
+
+        @pl.when(wg < W)
+        def _compute():
+            rows = (b, pl.ds(c0, bk), kvh)
+            plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem.at[wg], res_bar.at[wg])
+            plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem.at[wg], res_bar.at[wg])
+            plgpu.barrier_wait(res_bar.at[wg])
+            zero = plgpu.layout_cast(jnp.zeros((bk, D), jnp.float32), plgpu.Layout.WGMMA)
+            dk, dv = compute((zero, zero))
+            out = (b, pl.ds(c0, bk), h)
+            out_smem.at[wg][...] = dk * scale
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(out_smem.at[wg], dk_ref.at[out])
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+            out_smem.at[wg][...] = dv
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(out_smem.at[wg], dv_ref.at[out])
+            plgpu.wait_smem_to_gmem(0)
+
+    tr = _transforms(dtype)
+    scratch = [plgpu.SMEM((W, bk, D), dtype, transforms=tr), plgpu.SMEM((W, bk, D), dtype, transforms=tr),
+               plgpu.SMEM((slots, bq, D), dtype, transforms=tr), plgpu.SMEM((slots, bq, D), dtype, transforms=tr),
+               plgpu.SMEM((slots, bq), jnp.float32), plgpu.SMEM((slots, bq), jnp.float32),
+               plgpu.SMEM((W, bk, D), jnp.float32),
+               plgpu.Barrier(num_arrivals=2, num_barriers=W),
+               plgpu.Barrier(num_arrivals=4, num_barriers=slots),
+               plgpu.Barrier(num_arrivals=W, num_barriers=slots)]
+    out_type = [jax.ShapeDtypeStruct((B, T, H, D), jnp.float32)] * 2
+    return _launch(body, cfg, out_type, scratch, (H, T // (W * bk), B))(q, k, v, do, lse2, delta)

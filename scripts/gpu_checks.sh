@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Everything that needs the H100, in one call of the device tool (one machine start):
+#   GPU tests, the attention benchmark, the training benchmark and nanoGPT's shakespeare_char run.
+# Results land in $OUT (or ./gpu_out). Prepare the wheels the GPU image lacks first, on this machine:
+#   echo /.whl/ >> .git/info/exclude
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#       --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 -d .whl \
+#       ml-collections==1.1.0 tensorboardX==2.6.5
+# and copy the nanoGPT data beside them (../shared does not travel; the copy is ignored, never committed):
+#   echo /.data/ >> .git/info/exclude; mkdir -p .data; cp ../shared/data/tinyshakespeare.txt .data/
+# then run it with carry=[".whl", ".data"]:  bash scripts/gpu_checks.sh [quick]
+set -uo pipefail
+OUT="${OUT:-$PWD/gpu_out}"; mkdir -p "$OUT"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH="/tmp/site:$PWD"
+else
+  export PYTHONPATH="$PWD"
+fi
+SHAKESPEARE="${SHAKESPEARE:-.data/tinyshakespeare.txt}"
+export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+python3 -c "import jax; print(jax.__version__, jax.devices())" | tee -a "$OUT/gpu.txt"
+
+step() { echo; echo "=== $1"; }
+step "GPU tests"
+python3 -m pytest tests/test_kernels_gpu.py tests/test_kernels_gpu_interpret.py -q -m "gpu or not gpu" 2>&1 | tee "$OUT/gpu_tests.txt" | tail -15
+
+step "attention benchmark"
+python3 -m kernels.bench --pattern local_strided --window 256 --stride 256 --seq 2048,8192,32768 \
+    --tokens 32768 --heads 16 --head-dim 128 --out "$OUT/attn" 2>&1 | tee "$OUT/attn_bench.txt"
+
+step "training benchmark (shakespeare_char, nanoGPT's config)"
+python3 -m gpt_jax.bench_train --config experiments/shakespeare_char.py \
+    --config.data.path=$SHAKESPEARE --iters 50 --warmup 10 --out "$OUT/bench_train.json" \
+    2>&1 | tee "$OUT/bench_train.txt"
+
+if [ "${1:-}" != quick ]; then
+  step "shakespeare_char, 5000 iterations (nanoGPT: best val 1.459)"
+  python3 -m gpt_jax.train --config experiments/shakespeare_char.py --workdir /tmp/shakespeare \
+      --config.data.path=$SHAKESPEARE > "$OUT/shakespeare_train.txt" 2>&1
+  grep -E "val loss|resumed|model:|compiled" "$OUT/shakespeare_train.txt" | tail -30
+  cp /tmp/shakespeare/metrics.jsonl "$OUT/shakespeare_metrics.jsonl"
+fi

@@ -1,0 +1,162 @@
+"""The Mosaic GPU kernel on CPU: numerics in the Mosaic GPU interpreter, and lowering for CUDA.
+
+The interpreter runs the kernels' warpgroups as threads with simulated shared memory, TMA copies,
+barriers and wgmma (jax 0.11.2), so these tests check the tiling, the ring-buffer protocol, masks,
+the merge and the backward against reference_attention on fresh random inputs. Two things it does
+not run and only the CUDA lowering test (plus tests/test_kernels_gpu.py on an H100) covers: wgmma with
+a register operand (interpreted as a plain dot) and wgmma accumulating into a passed-in accumulator
+(`pl.run_state`; interpreted as a fresh product plus an add). See kernels/NOTES.md.
+"""
+
+import zlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from kernels import patterns
+from kernels.errors import UnsupportedInput
+from kernels.pallas_gpu import sparse_attention_gpu
+from kernels.pallas_gpu_kernels import PassConfig, pass_dkv, pass_dq, pass_forward
+from kernels.reference import reference_attention
+from kernels.schedule import DiagonalMask
+
+# "nan": scratch and accumulators start as NaN, so anything read before it is written shows up.
+INTERPRET = plgpu.InterpretGPUParams(uninitialized_memory="nan")
+
+
+def _rel(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return np.linalg.norm(a - b) / np.linalg.norm(b)
+
+
+def _inputs(seed, seq, heads, kv_heads, head_dim, dtype):
+    keys = jax.random.split(jax.random.key(seed), 4)
+    shapes = [(1, seq, heads, head_dim), (1, seq, kv_heads, head_dim), (1, seq, kv_heads, head_dim),
+              (1, seq, heads, head_dim)]
+    return [jax.random.normal(kk, s, jnp.float32).astype(dtype) for kk, s in zip(keys, shapes)]
+
+
+# (pattern, seq, heads, kv_heads, dtype, block_k, why)
+CASES = [
+    (patterns.local_strided(16, 16), 128, 1, 1, jnp.bfloat16, 64,
+     "window == stride, bf16; 8 rows per residue, 8 residues packed per tile"),
+    (patterns.local_strided(40, 16), 128, 2, 1, jnp.float32, 64,
+     "window > stride and not a multiple, f32, GQA; rows p < 3 have no strided keys"),
+    (patterns.local_strided(16, 64), 128, 1, 1, jnp.bfloat16, 128,
+     "window < stride, bf16, block_k 128; 2 rows per residue"),
+    (patterns.local_strided(8, 2), 256, 1, 1, jnp.float32, 64,
+     "128 rows per residue: unpacked strided pass, two tiles per residue, two CTAs per pass"),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[-1].split(",")[0].split(";")[0] for c in CASES])
+def test_forward_and_gradients_match_reference(case):
+    pattern, t, h, hk, dtype, bk, why = case
+    q, k, v, do = _inputs(zlib.crc32(why.encode()), t, h, hk, 64, dtype)  # fresh inputs per case
+    f = lambda q, k, v: sparse_attention_gpu(q, k, v, pattern, block_k=bk, interpret=INTERPRET)
+    out, vjp = jax.vjp(f, q, k, v)
+    grads = vjp(do)
+    f32 = [x.astype(jnp.float32) for x in (q, k, v)]
+    ref, ref_vjp = jax.vjp(lambda q, k, v: reference_attention(q, k, v, pattern), *f32)
+    ref_grads = ref_vjp(do.astype(jnp.float32))
+    tol = 1e-5 if dtype == jnp.float32 else 1e-2
+    assert out.dtype == dtype and out.shape == q.shape
+    assert _rel(out, ref) < tol, ("out", _rel(out, ref))
+    for name, g, r in zip(("dq", "dk", "dv"), grads, ref_grads):
+        assert g.shape == r.shape and np.isfinite(np.asarray(g, np.float32)).all(), name
+        assert _rel(g, r) < tol, (name, _rel(g, r))
+
+
+def test_single_pass_patterns_forward():
+    """local and strided alone (one pass each), bf16."""
+    q, k, v, _ = _inputs(11, 256, 1, 1, 64, jnp.bfloat16)
+    for pattern in (patterns.local(40), patterns.strided(32)):
+        out = sparse_attention_gpu(q, k, v, pattern, block_k=64, interpret=INTERPRET)
+        assert _rel(out, reference_attention(q, k, v, pattern)) < 1e-2, pattern
+
+
+def test_dense_kernels_have_no_races_within_a_cta():
+    """Dense causal, each kernel against the reference. One CTA (T=128) and a one-slot ring, so every block after the first waits for the previous one
+    to be released: the interpreter's race detector checks the barrier protocol of all three kernels.
+    (Across grid points the interpreter does not order its clocks, so larger grids report false races
+    on reused scratch; a single CTA avoids that.)"""
+    from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks  # private: the detector's state
+
+    def race_free(outputs):
+        jax.block_until_ready(outputs)
+        return not gpu_callbacks._races.races_found  # kept until the next kernel starts
+
+    params = plgpu.InterpretGPUParams(detect_races=True)
+    q, k, v, do = _inputs(7, 128, 1, 1, 64, jnp.bfloat16)
+    cfg = PassConfig(DiagonalMask(128), 128, block_q=64, block_k=64, slots=1, interpret=params)
+    o, lse = pass_forward(q, k, v, cfg)
+    assert race_free((o, lse)), "forward"
+    ref, ref_lse = reference_attention(q, k, v, patterns.dense(), return_lse=True)
+    assert _rel(o, ref) < 1e-2 and _rel(lse, ref_lse) < 1e-2
+    lse2 = lse * np.log2(np.e)
+    delta = jnp.einsum("bthd,bthd->bht", do.astype(jnp.float32), o.astype(jnp.float32))
+    dq = pass_dq(q, k, v, do, lse2, delta, cfg)
+    assert race_free(dq), "dq"
+    dk, dv = pass_dkv(q, k, v, do, lse2, delta, cfg)
+    assert race_free((dk, dv)), "dkv"
+    f32 = [x.astype(jnp.float32) for x in (q, k, v)]  # dense is one pass: these are the full gradients
+    _, ref_vjp = jax.vjp(lambda q, k, v: reference_attention(q, k, v, patterns.dense()), *f32)
+    for name, g, r in zip(("dq", "dk", "dv"), (dq, dk, dv), ref_vjp(do.astype(jnp.float32))):
+        assert _rel(g, r) < 1e-2, (name, _rel(g, r))
+
+
+def test_unsupported_inputs_raise():
+    q = jnp.zeros((1, 256, 1, 64), jnp.float32)
+    with pytest.raises(UnsupportedInput, match="float32 only in interpret"):
+        sparse_attention_gpu(q, q, q, patterns.local_strided(32, 32))
+    qb = q.astype(jnp.bfloat16)
+    with pytest.raises(UnsupportedInput, match="head_dim"):
+        sparse_attention_gpu(qb[..., :32], qb[..., :32], qb[..., :32], patterns.dense())
+    with pytest.raises(UnsupportedInput, match="multiple of 128"):
+        sparse_attention_gpu(qb[:, :192], qb[:, :192], qb[:, :192], patterns.dense())
+    with pytest.raises(UnsupportedInput, match="fixed"):
+        sparse_attention_gpu(qb, qb, qb, patterns.fixed(32, 4))
+
+
+def test_lowers_for_cuda_at_benchmark_shape(seq=2048):
+    """Mosaic GPU accepts the forward and the backward kernels (layouts, wgmma/TMA shapes, shared
+    memory under the H100's 227 KiB) at the benchmark shape: bf16, 16 heads, head_dim 128, w = s = 256.
+    Longer sequences change only the grid. PTX compilation itself happens only on a GPU."""
+    x = jax.ShapeDtypeStruct((1, seq, 16, 128), jnp.bfloat16)
+    pattern = patterns.local_strided(256, 256)
+    loss = lambda q, k, v: jnp.sum(sparse_attention_gpu(q, k, v, pattern).astype(jnp.float32))
+    # the gradient runs the forward kernels (custom_vjp fwd) and the dq and dk/dv kernels of both passes
+    text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(x, x, x).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("mosaic_gpu") >= 6
+
+
+def test_block_ranges_match_brute_force_schedules():
+    """schedule.row_tile_range / col_tile_range (what the GPU kernel computes on scalars) against
+    forward_schedule / transposed_schedule: every visited block inside the range, every block of the
+    no-mask sub-range FULL, and exactly the schedule's blocks when tiles do not pack segments."""
+    import itertools
+
+    from kernels.schedule import FULL, SKIP, col_tile_range, forward_schedule, row_tile_range, \
+        transposed_schedule
+
+    def check(ranges, sched, exact):
+        for t, (lo, hi, f_lo, f_hi) in enumerate(ranges):
+            kinds = {int(b): int(k) for b, k in zip(sched.index[t], sched.kind[t]) if k != SKIP}
+            assert lo <= f_lo <= f_hi <= hi and all(lo <= b < hi for b in kinds)
+            assert all(kinds.get(b) == FULL for b in range(f_lo, f_hi))
+            if exact:
+                assert set(kinds) == set(range(lo, hi)) or (not kinds and lo == hi)
+                assert {b for b, k in kinds.items() if k == FULL} == set(range(f_lo, f_hi))
+
+    T = 256
+    masks = [DiagonalMask(T), DiagonalMask(T, 0, 15), DiagonalMask(T, 0, 40)]
+    masks += [DiagonalMask(L, off) for L in (4, 16, 64, 128) for off in (0, 1, 3)]
+    for m, (bq, bk) in itertools.product(masks, itertools.product((16, 64), (32, 64))):
+        exact = m.seg_len == T or max(bq, bk) <= m.seg_len
+        rows = [[int(x) for x in row_tile_range(m, T, t * bq, bq, bk)] for t in range(T // bq)]
+        check(rows, forward_schedule(m, T, bq, bk), exact)
+        cols = [[int(x) for x in col_tile_range(m, T, c * bk, bk, bq)] for c in range(T // bk)]
+        check(cols, transposed_schedule(m, T, bq, bk), exact)
