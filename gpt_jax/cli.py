@@ -16,6 +16,7 @@ def parse(argv: list[str], prog: str, define_extra=None, *, need_config: bool = 
 
     `define_extra(flag_values)` declares the CLI's own flags. Returns the FlagValues.
     """
+    argv = normalize_flag_spellings(argv)
     fv = flags.FlagValues()
     config_flags.DEFINE_config_file("config", None, "experiment config file (experiments/*.py)",
                                     flag_values=fv, lock_config=True,
@@ -38,6 +39,22 @@ def parse(argv: list[str], prog: str, define_extra=None, *, need_config: bool = 
     except (OSError, ValueError, TypeError) as e:
         raise UserError(f"bad config ({_one_line(e)})") from None
     return fv
+
+
+def normalize_flag_spellings(argv: list[str]) -> list[str]:
+    """--max-new-tokens=3 -> --max_new_tokens=3 (absl only knows the underscore spelling);
+    --config.* overrides and flag values are left alone."""
+    out = []
+    value_next = False  # the word after a bare "--flag" is its value, whatever it looks like
+    for arg in argv:
+        if not value_next and arg.startswith("--") and not arg.startswith("--config"):
+            name, eq, value = arg[2:].partition("=")
+            arg = "--" + name.replace("-", "_") + eq + value
+            value_next = not eq
+        else:
+            value_next = False
+        out.append(arg)
+    return out
 
 
 def _config_path(argv: list[str]) -> str | None:

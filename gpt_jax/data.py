@@ -25,6 +25,7 @@ from gpt_jax.errors import UserError
 from gpt_jax.tokenizer import KINDS, Tokenizer, build_tokenizer, load_tokenizer, save_tokenizer
 
 STDLIB = "stdlib"
+ARITH = "arith"  # generated GPT-3-style arithmetic worksheets (gpt_jax/tasks.py)
 # Test suites are two thirds of the stdlib (31.7 MB with them, Python 3.12.1) and mostly repetitive
 # fixtures; without them the corpus is 686 files, 11.6 MB: the "about 11 MB" of the design notes.
 _STDLIB_SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test"}
@@ -52,6 +53,9 @@ def _source_files(path: str) -> tuple[Path, list[Path]]:
     if path in ("", STDLIB):
         root = _stdlib_root()
         return root, _walk(root, ".py", lambda d: d in _STDLIB_SKIP_DIRS)
+    if path == ARITH:  # the generator's source file names (and so invalidates) the cached stream
+        from gpt_jax import tasks
+        return Path(tasks.__file__), [Path(tasks.__file__)]
     root = Path(os.path.expanduser(path))
     if not root.exists():
         raise UserError(f"data path does not exist: {path}")
@@ -78,7 +82,11 @@ def _read_text(p: Path) -> str | None:
 
 
 def load_documents(path: str) -> list[str]:
-    """The documents of one source: "" or "stdlib" for the embedded corpus, a file, or a folder."""
+    """The documents of one source: "" or "stdlib" for the embedded corpus, "arith" for generated
+    arithmetic, a file, or a folder."""
+    if path == ARITH:
+        from gpt_jax.tasks import arithmetic_documents
+        return arithmetic_documents()
     root, files = _source_files(path)
     if root.is_file():
         text = _read_text(root)

@@ -15,6 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from gpt_jax import kv_cache
 from gpt_jax.attention import attend
 from kernels.patterns import Pattern, from_name, lcm_multiple
 
@@ -131,15 +132,24 @@ class CausalSelfAttention(nn.Module):
     pattern: Pattern
 
     @nn.compact
-    def __call__(self, x, deterministic: bool):
+    def __call__(self, x, deterministic: bool, cache=None, lengths=None, pos=None):
+        """Without a cache: attention over x [b, t, embd]. With one (see GPT.__call__): a prefill
+        (lengths given) or a one-token decode step at positions pos; returns (y, cache)."""
         cfg = self.cfg
         qkv = Linear((3, cfg.n_head, cfg.head_dim), ("embed", "qkv", "heads", "kv"), 0.02, cfg, name="c_attn")(x)
         q, k, v = (nn.with_logical_constraint(qkv[:, :, i], ("act_batch", "act_length", "act_heads", "kv"))
                    for i in range(3))
-        y = attend(q, k, v, self.pattern, cfg.attn_impl)
+        if cache is not None and lengths is None:  # decode step: one token per row
+            y, cache = kv_cache.decode_layer(self.pattern, cache, q[:, 0], k[:, 0], v[:, 0], pos)
+            y = y[:, None]
+        else:
+            y = attend(q, k, v, self.pattern, cfg.attn_impl)
+            if cache is not None:
+                cache = kv_cache.prefill_layer(self.pattern, cache, k, v, lengths)
         y = Linear((cfg.n_embd,), ("heads", "kv", "embed"), 0.02 / math.sqrt(2 * cfg.n_layer), cfg,
                    in_dims=2, name="c_proj")(y)
-        return nn.Dropout(cfg.dropout)(y, deterministic=deterministic)
+        y = nn.Dropout(cfg.dropout)(y, deterministic=deterministic)
+        return y if cache is None else (y, cache)
 
 
 class MLP(nn.Module):
@@ -159,41 +169,84 @@ class Block(nn.Module):
     pattern: Pattern
 
     @nn.compact
-    def __call__(self, x, deterministic: bool):
-        x = x + CausalSelfAttention(self.cfg, self.pattern, name="attn")(_layer_norm(self.cfg, "ln_1")(x), deterministic)
+    def __call__(self, x, deterministic: bool, cache=None, lengths=None, pos=None):
+        attn = CausalSelfAttention(self.cfg, self.pattern, name="attn")
+        h = _layer_norm(self.cfg, "ln_1")(x)
+        if cache is None:
+            x = x + attn(h, deterministic)
+        else:
+            y, cache = attn(h, deterministic, cache, lengths, pos)
+            x = x + y
         x = x + MLP(self.cfg, name="mlp")(_layer_norm(self.cfg, "ln_2")(x), deterministic)
-        return nn.with_logical_constraint(x, ("act_batch", "act_length", "act_embed"))
+        x = nn.with_logical_constraint(x, ("act_batch", "act_length", "act_embed"))
+        return x if cache is None else (x, cache)
 
 
 class GPT(nn.Module):
     cfg: GPTConfig
 
     @nn.compact
-    def __call__(self, tokens, deterministic: bool = True, return_hidden: bool = False):
+    def __call__(self, tokens, deterministic: bool = True, return_hidden: bool = False, *, cache=None,
+                 lengths=None):
         """tokens [batch, seq] int32 -> logits [batch, seq, vocab] in the compute dtype.
 
         With return_hidden, also the final LayerNorm's output [batch, seq, embd] (for reward and
-        value heads)."""
+        value heads).
+
+        Cached decoding (gpt_jax.generate drives it; `cache` comes from `init_cache`):
+        - prefill, `lengths` [batch] given: tokens [batch, seq] are right-padded prompts starting at
+          position 0, row b's first lengths[b] real; seq must be a multiple of the schedule's
+          sequence multiple. Returns (logits [batch, vocab] at each row's last prompt token, cache).
+        - decode step, `lengths` None: tokens [batch, 1], row b at position cache["pos"][b].
+          Returns (logits [batch, vocab], cache) with every row's position advanced by one.
+        Same parameters either way; return_hidden adds the hidden state at the same positions.
+        """
         cfg = self.cfg
         dtype, pdtype = DTYPES[cfg.dtype], DTYPES[cfg.param_dtype]
         _, seq = tokens.shape
         wte = nn.Embed(cfg.vocab_size, cfg.n_embd, dtype=dtype, param_dtype=pdtype,
                        embedding_init=_init(0.02, ("vocab", "embed")), name="wte")
         wpe = self.param("wpe", _init(0.02, ("positions", "embed")), (cfg.block_size, cfg.n_embd), pdtype)
-        x = wte(tokens) + wpe[:seq].astype(dtype)
+        if cache is not None and lengths is None:
+            x = wte(tokens) + wpe[cache["pos"]][:, None].astype(dtype)
+        else:
+            x = wte(tokens) + wpe[:seq].astype(dtype)
         x = nn.Dropout(cfg.dropout)(x, deterministic=deterministic)
         x = nn.with_logical_constraint(x, ("act_batch", "act_length", "act_embed"))
 
         block_cls = Block
-        if cfg.remat != "none":
+        if cfg.remat != "none" and cache is None:
             # static_argnums counts self as 0: `deterministic` is argument 2.
             block_cls = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], static_argnums=(2,))
+        layer_caches = []
         for i, pattern in enumerate(cfg.patterns):
-            x = block_cls(cfg, pattern, name=f"h_{i}")(x, deterministic)
+            if cache is None:
+                x = block_cls(cfg, pattern, name=f"h_{i}")(x, deterministic)
+            else:
+                x, c = block_cls(cfg, pattern, name=f"h_{i}")(x, deterministic, cache["layers"][i], lengths,
+                                                              cache["pos"])
+                layer_caches.append(c)
 
+        if cache is not None:  # only the positions whose next token is wanted
+            last = (lengths - 1) if lengths is not None else jnp.zeros_like(cache["pos"])
+            x = jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0]
         x = _layer_norm(cfg, "ln_f")(x)
-        logits = nn.with_logical_constraint(wte.attend(x), ("act_batch", "act_length", "act_vocab"))  # tied
-        return (logits, x) if return_hidden else logits
+        logits = wte.attend(x)  # tied
+        if cache is None:
+            logits = nn.with_logical_constraint(logits, ("act_batch", "act_length", "act_vocab"))
+            return (logits, x) if return_hidden else logits
+        new_cache = {"pos": lengths.astype(jnp.int32) if lengths is not None else cache["pos"] + 1,
+                     "layers": tuple(layer_caches)}
+        return ((logits, x) if return_hidden else logits), new_cache
+
+
+def init_cache(cfg: GPTConfig, batch: int) -> dict:
+    """An empty decode cache for `batch` rows: every layer's keys/values laid out for its pattern
+    (gpt_jax/kv_cache.py) and each row's next position."""
+    dtype = DTYPES[cfg.dtype]
+    return {"pos": jnp.zeros((batch,), jnp.int32),
+            "layers": tuple(kv_cache.init_layer(p, batch, cfg.block_size, cfg.n_head, cfg.head_dim, dtype)
+                            for p in cfg.patterns)}
 
 
 def count_params(params) -> int:

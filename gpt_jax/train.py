@@ -41,7 +41,7 @@ class RunResult:
     workdir: str
 
 
-class _StopSignal:
+class StopSignal:
     """Turns SIGINT/SIGTERM into a request to save and stop at the next step boundary."""
 
     def __init__(self):
@@ -150,7 +150,7 @@ def run(config, workdir: str, *, stop_at_step: int | None = None, progress: bool
                dynamic_ncols=True, unit="step", file=sys.stdout)
     last_time, last_step = time.perf_counter(), start
     try:
-        with _StopSignal() as stop:
+        with StopSignal() as stop:
             step = start
             while step < train.steps:
                 state, metrics = step_fn(state, batch_at(step), jax.random.fold_in(dropout_base, step))

@@ -48,3 +48,13 @@ def run_cli(module: str, *args: str, timeout: int = 300, env: dict | None = None
     full_env = {**os.environ, "PYTHONPATH": REPO, **(env or {})}
     return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, capture_output=True, text=True,
                           timeout=timeout, env=full_env)
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, *fragments: str) -> None:
+    """A CLI refused bad input as promised: exit 2, no traceback, one `error:` line naming it."""
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert lines and lines[-1].startswith("error: "), proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    for fragment in fragments:
+        assert fragment in lines[-1], lines[-1]

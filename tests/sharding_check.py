@@ -8,7 +8,6 @@ for tests/test_sharding.py to compare.
 import json
 import sys
 
-import flax.linen as nn
 import jax
 import numpy as np
 

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from conftest import REPO, run_cli
+from conftest import REPO, assert_one_line_error, run_cli
 
 TINY = ["--config", "experiments/default.py", "--config.model.n_layer=2", "--config.model.n_embd=64",
         "--config.model.n_head=2", "--config.model.block_size=64", "--config.attention.window=16",
@@ -17,13 +17,6 @@ TINY = ["--config", "experiments/default.py", "--config.model.n_layer=2", "--con
         "--config.train.sample_tokens=0", "--config.train.log_every=1"]
 
 
-def assert_one_line_error(proc, *fragments):
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    lines = proc.stderr.strip().splitlines()
-    assert lines and lines[-1].startswith("error: "), proc.stderr[-2000:]
-    assert "Traceback" not in proc.stderr
-    for fragment in fragments:
-        assert fragment in lines[-1], lines[-1]
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,14 @@
+"""GPT-3 6.7B (Table 2.1; the appendix counts its parameters): context 2048, vocabulary 50257,
+dense attention in every layer, the paper's learning rate and batch size (gpt_jax/gpt3.py).
+
+grad_accum splits the batch into micro-batches; see `python -m gpt_jax.plan --config <this file>
+--mesh data=...,fsdp=...,tensor=...` for the memory a mesh needs before choosing one.
+"""
+
+from gpt_jax.gpt3 import gpt3_config
+
+
+def get_config():
+    c = gpt3_config("6_7b")
+    c.train.update(grad_accum=16)
+    return c

@@ -1,0 +1,3 @@
+from gpt_jax.align.cli import main
+
+main()
