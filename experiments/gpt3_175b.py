@@ -10,5 +10,6 @@ from gpt_jax.gpt3 import gpt3_config
 
 def get_config():
     c = gpt3_config("175b")
-    c.train.update(grad_accum=2)
+    # 3.2M tokens is 1562.5 sequences; 1536 (3.1M tokens) splits evenly over power-of-two meshes.
+    c.train.update(batch_size=1536, grad_accum=2)
     return c

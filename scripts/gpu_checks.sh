@@ -35,6 +35,12 @@ python3 -m gpt_jax.bench_train --config experiments/shakespeare_char.py \
     --config.data.path=$SHAKESPEARE --iters 50 --warmup 10 --out "$OUT/bench_train.json" \
     2>&1 | tee "$OUT/bench_train.txt"
 
+step "generation: cached vs uncached, GPT-3 Small shapes, random weights"
+for cfg in gpt3_small gpt3_small_sparse; do
+  python3 -m gpt_jax.bench_generate --config experiments/$cfg.py --batch 1,32 --new-tokens 1024 \
+      --out "$OUT/gen_$cfg.json" 2>&1 | tee "$OUT/gen_$cfg.txt"
+done
+
 if [ "${1:-}" != quick ]; then
   step "shakespeare_char, 5000 iterations (nanoGPT: best val 1.459)"
   python3 -m gpt_jax.train --config experiments/shakespeare_char.py --workdir /tmp/shakespeare \
