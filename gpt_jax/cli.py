@@ -23,6 +23,10 @@ def parse(argv: list[str], prog: str, define_extra=None, *, need_config: bool = 
                                     sys_argv=[prog, *argv])  # overrides are read from here, not sys.argv
     if define_extra:
         define_extra(fv)
+    if "--help" in argv or "-h" in argv:
+        print(f"usage: python -m {prog} [--config experiments/<name>.py] [--config.<key>=<value> ...] [flags]\n")
+        print(fv.get_help())
+        raise SystemExit(0)
     config_path = _config_path(argv)
     if need_config and config_path is None:
         raise UserError(f"{prog}: --config=experiments/<name>.py is required")

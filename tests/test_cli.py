@@ -113,3 +113,10 @@ def test_sample_cli_streams_text(trained_workdir):
 
 def test_sample_cli_errors(tmp_path):
     assert_one_line_error(run_cli("gpt_jax.sample", "--workdir", str(tmp_path), "--prompt", "x"), "config.json")
+
+
+@pytest.mark.parametrize("module,flag", [("gpt_jax.train", "--workdir"), ("gpt_jax.sample", "--max_new_tokens"),
+                                         ("gpt_jax.evaluate", "--shots")])
+def test_help_lists_the_flags(module, flag):
+    proc = run_cli(module, "--help")
+    assert proc.returncode == 0 and flag in proc.stdout, proc.stderr[-2000:]
