@@ -15,6 +15,7 @@ import json
 import sys
 import time
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -59,8 +60,6 @@ def _time(fn, *args, repeats: int = 2) -> tuple[float, np.ndarray]:
 def bench(model_cfg: GPTConfig, batches: list[int], new_tokens: int, prompt_len: int, uncached: bool) -> list[dict]:
     params = jax.jit(lambda k: GPT(model_cfg).init(k, jnp.zeros((1, model_cfg.block_size), jnp.int32))["params"])(
         jax.random.key(0))
-    import flax.linen as nn
-
     params = nn.unbox(params)
     rows = []
     for b in batches:
@@ -80,8 +79,16 @@ def bench(model_cfg: GPTConfig, batches: list[int], new_tokens: int, prompt_len:
             row.update(uncached_s=seconds_u, uncached_tokens_per_s=b * new_tokens / seconds_u,
                        speedup=seconds_u / seconds, agreement=float(np.mean(tokens_u == tokens)))
         rows.append(row)
-        print(json.dumps(row), flush=True)
     return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    lines = [f"{'batch':>5} {'new':>5} {'cached tok/s':>13} {'uncached tok/s':>15} {'speedup':>8} {'agree':>6}"]
+    for r in rows:
+        unc = f"{r['uncached_tokens_per_s']:15,.0f} {r['speedup']:7.1f}x {r['agreement']:6.3f}" if "speedup" in r \
+            else f"{'-':>15} {'-':>8} {'-':>6}"
+        lines.append(f"{r['batch']:5d} {r['new_tokens']:5d} {r['cached_tokens_per_s']:13,.0f} {unc}")
+    return "\n".join(lines)
 
 
 def _define_flags(fv):
@@ -94,7 +101,6 @@ def _define_flags(fv):
 
 @cli_entry
 def main(argv):
-
     fv = cli.parse(argv, "gpt_jax.bench_generate", _define_flags)
     try:
         batches = [int(b) for b in fv.batch.split(",") if b.strip()]
@@ -112,6 +118,7 @@ def main(argv):
     print(f"device: {jax.devices()[0].device_kind}; model: {model_cfg.n_layer} layers x {model_cfg.n_embd}, "
           f"{model_cfg.dtype}, patterns {sorted({str(p) for p in model_cfg.patterns})}", file=sys.stderr)
     rows = bench(model_cfg, batches, fv.new_tokens, fv.prompt_len, bool(fv.uncached))
+    print(format_table(rows))
     if fv.out:
         with open(fv.out, "w") as f:
             json.dump({"device": jax.devices()[0].device_kind, "rows": rows}, f, indent=2)

@@ -1,4 +1,5 @@
-"""The training benchmark's CLI: its JSON is self-consistent and describes the configured model."""
+"""The benchmark CLIs (training step, generation): their JSON is self-consistent and describes the
+configured model."""
 
 import json
 
@@ -21,3 +22,17 @@ def test_bench_train_reports_consistent_figures(tmp_path):
 def test_bench_train_rejects_bad_iters():
     proc = run_cli("gpt_jax.bench_train", *TINY, "--iters", "0")
     assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("error: --iters")
+
+
+def test_bench_generate_cached_and_uncached_agree(tmp_path):
+    out = tmp_path / "gen.json"
+    proc = run_cli("gpt_jax.bench_generate", *TINY, "--config.model.dtype=float32", "--batch", "1,2",
+                   "--new-tokens", "8", "--prompt-len", "4", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["batch"] for r in rows] == [1, 2]
+    for r in rows:
+        # float32 greedy decoding: the cache must reproduce the full forward pass token for token.
+        assert r["agreement"] == 1.0
+        assert abs(r["cached_tokens_per_s"] - r["batch"] * 8 / r["cached_s"]) < 1e-6 * r["cached_tokens_per_s"]
+    assert "cached tok/s" in proc.stdout
