@@ -54,7 +54,8 @@ def logical_shardings(boxed_tree, mesh, rules):
 
 
 def batch_sharding(mesh) -> NamedSharding:
-    return NamedSharding(mesh, P(BATCH_AXES, None))
+    """Split the first (batch) axis over data and fsdp, whatever the rank of the array."""
+    return NamedSharding(mesh, P(BATCH_AXES))
 
 
 def replicated(mesh) -> NamedSharding:

@@ -128,7 +128,7 @@ def run(config, workdir: str, *, stop_at_step: int | None = None, progress: bool
 
     def evaluate():
         losses = [trainer.eval_step(state.params, shd.host_local_batch(
-            dataset.val_batch(i, train.batch_size, seq_len), mesh)) for i in range(train.eval_batches)]
+            dataset.val_batch(i, train.batch_size, seq_len), mesh))["loss"] for i in range(train.eval_batches)]
         return float(np.mean(jax.device_get(losses)))
 
     def save(step):
