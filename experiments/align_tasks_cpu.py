@@ -1,8 +1,10 @@
-"""experiments/align_tasks.py with a stronger reward model and a steadier PPO (CPU, reuses its SFT).
+"""experiments/align_tasks.py with a larger ranking set and a longer reward-model run (CPU; reuses its SFT).
 
 Same model, task and SFT checkpoint (runs/align/sft); its own data dir and workdirs under runs/align2/.
-The ranking set is larger (2000 prompts instead of 600), the reward model trains longer, and PPO
-uses larger rollout batches, the adaptive KL controller and fewer epochs per batch.
+The defaults here differ from align_tasks.py only in task.n_rank (2000 instead of 600) and
+reward.steps (400 instead of 250); the PPO settings tried on top of it (bigger ranking set, larger
+rollout batches, adaptive KL, lambda 1.0) are passed as --config.<key>=<value> overrides, listed
+with their results in runs/align2/demo.sh.
 
     python -m gpt_jax.align data   --config experiments/align_tasks_cpu.py
     python -m gpt_jax.align rank   --config experiments/align_tasks_cpu.py

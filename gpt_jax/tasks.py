@@ -146,10 +146,15 @@ def scramble(kind: str, word: str, rng) -> str:
     raise ValueError(f"unknown scramble {kind!r}")
 
 
+def _held_out_word(word: str) -> bool:
+    """The fixed fifth of the words kept for evaluation (never in the pool or the training text)."""
+    return int(hashlib.md5(word.encode()).hexdigest()[:8], 16) % 5 == 0
+
+
 def scramble_task(name: str, n: int, pool_size: int, seed: int, words: list[str] | None = None) -> Task:
     words = sorted(set(corpus_words() if words is None else words))
     # Words split by hash: one fifth evaluated, the rest the few-shot pool.
-    held = [w for w in words if int(hashlib.md5(w.encode()).hexdigest()[:8], 16) % 5 == 0]
+    held = [w for w in words if _held_out_word(w)]
     rest = [w for w in words if w not in set(held)]
     rng = np.random.default_rng((seed, 100 + SCRAMBLES.index(name)))
 
@@ -159,6 +164,28 @@ def scramble_task(name: str, n: int, pool_size: int, seed: int, words: list[str]
                 for i in sorted(chosen.tolist())]
 
     return Task(name, "completion", make(held, n), make(rest, pool_size), description=SCRAMBLE_DESCRIPTION)
+
+
+WORD_TASK_MIX = ("reversed_words", "random_insertion", "cycle_letters")
+
+
+def scramble_documents(n_docs: int = 20000, seed: int = 4321, kinds: tuple[str, ...] = WORD_TASK_MIX,
+                       max_examples: int = 8, words: list[str] | None = None) -> list[str]:
+    """The `wordtasks` training source: blocks of 1-`max_examples` solved examples of ONE scrambling
+    task, laid out exactly as the evaluator's K-shot prompts (description line, then
+    "context answer" + separator per example), over the non-held-out words only. Every block opens
+    with the same description, so the description does not say which transform is wanted (though the
+    input often does: BENCHMARKS.md)."""
+    words = sorted({w for w in (corpus_words() if words is None else words) if not _held_out_word(w)})
+    rng = np.random.default_rng(seed)
+    docs = []
+    for _ in range(n_docs):
+        kind = kinds[int(rng.integers(len(kinds)))]
+        k = int(rng.integers(1, max_examples + 1))
+        lines = [f"{scramble(kind, words[i], rng)} = {words[i]}{DEFAULT_SEPARATOR}"
+                 for i in rng.integers(len(words), size=k).tolist()]
+        docs.append(SCRAMBLE_DESCRIPTION + "\n" + "".join(lines))
+    return docs
 
 
 # ----------------------------------------------------------------------------- JSONL

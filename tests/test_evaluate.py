@@ -145,6 +145,30 @@ def test_word_scrambling_recipes():
         assert e["context"] == e["answer"].strip()[::-1] + " ="
 
 
+def test_scramble_documents_are_prompt_shaped_and_never_hold_an_evaluated_word():
+    words = [f"{a}{b}{c}word" for a in "abcdefgh" for b in "ijklmnop" for c in "qrstuvwx"]
+    mix = tasks.WORD_TASK_MIX
+    docs = tasks.scramble_documents(n_docs=300, seed=5, words=words)
+    evaluated = {e["answer"].strip() for name in tasks.WORD_TASK_MIX
+                 for e in tasks.scramble_task(name, n=200, pool_size=10, seed=0, words=words).examples}
+    assert evaluated and all(tasks._held_out_word(w) for w in evaluated)
+    seen_kinds = set()
+    for doc in docs:
+        head, body = doc.split("\n", 1)
+        assert head == tasks.SCRAMBLE_DESCRIPTION and body.endswith("\n")  # the evaluator's K-shot layout
+        lines = body[:-1].split("\n")
+        assert 1 <= len(lines) <= 8
+        pairs = [line.rsplit(" = ", 1) for line in lines]
+        for scrambled, word in pairs:
+            assert word in words and word not in evaluated and not tasks._held_out_word(word)
+        kinds = {k for k in mix if all(
+            (k == "reversed_words" and s == w[::-1]) or (k == "random_insertion" and s[::2] == w)
+            or (k == "cycle_letters" and s in w + w and len(s) == len(w)) for s, w in pairs)}
+        assert kinds  # one transform per block
+        seen_kinds |= kinds
+    assert seen_kinds == set(mix)
+
+
 def test_jsonl_errors_name_the_line(tmp_path):
     path = tmp_path / "t.jsonl"
     path.write_text('{"description": "d"}\n{"context": "a", "answer": " b"}\n{"context": "a", "answer": \n')
