@@ -21,7 +21,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from kernels.errors import UnsupportedInput
+from kernels.errors import UnsupportedInput, check_pattern_and_shapes
 from kernels.patterns import Pattern
 from kernels.schedule import Pass, merge_partials, passes_for
 
@@ -49,13 +49,8 @@ def default_block_k(pattern: Pattern) -> int:
 
 def check_supported(q, k, v, pattern: Pattern, block_q: int, block_k: int, interpret) -> None:
     """Raise UnsupportedInput (a ValueError) naming what to change."""
-    if pattern.kind not in SUPPORTED_KINDS:
-        raise UnsupportedInput(f"pallas_gpu supports patterns {SUPPORTED_KINDS}, not {pattern}; use impl='reference'")
+    check_pattern_and_shapes("pallas_gpu", q, k, v, pattern, SUPPORTED_KINDS)
     b, t, h, d = q.shape
-    if k.shape != v.shape or k.shape[0] != b or k.shape[1] != t or k.shape[3] != d:
-        raise UnsupportedInput(f"pallas_gpu needs self-attention shapes: q {q.shape}, k {k.shape}, v {v.shape}")
-    if h % k.shape[2]:
-        raise UnsupportedInput(f"query heads {h} must be a multiple of kv heads {k.shape[2]}")
     allowed = INTERPRET_DTYPES if interpret else COMPILED_DTYPES
     for name, x in (("q", q), ("k", k), ("v", v)):
         if x.dtype != q.dtype or x.dtype not in allowed:

@@ -26,7 +26,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from kernels.errors import UnsupportedInput
+from kernels.errors import UnsupportedInput, check_pattern_and_shapes
 from kernels.patterns import Pattern
 from kernels.schedule import FULL, PARTIAL, DiagonalMask, Pass, forward_schedule, merge_partials, \
     passes_for, transposed_schedule
@@ -68,13 +68,8 @@ def residue_pass_block(block: int, seq_len: int, stride: int, floor: int = 128) 
 
 def check_supported(q, k, v, pattern: Pattern, block_q: int, block_k: int) -> None:
     """Raise UnsupportedInput (a ValueError) naming what to change."""
-    if pattern.kind not in SUPPORTED_KINDS:
-        raise UnsupportedInput(f"pallas_tpu supports patterns {SUPPORTED_KINDS}, not {pattern}; use impl='reference'")
+    check_pattern_and_shapes("pallas_tpu", q, k, v, pattern, SUPPORTED_KINDS)
     b, t, h, d = q.shape
-    if k.shape != v.shape or k.shape[0] != b or k.shape[1] != t or k.shape[3] != d:
-        raise UnsupportedInput(f"pallas_tpu needs self-attention shapes: q {q.shape}, k {k.shape}, v {v.shape}")
-    if h % k.shape[2]:
-        raise UnsupportedInput(f"query heads {h} must be a multiple of kv heads {k.shape[2]}")
     for name, x in (("q", q), ("k", k), ("v", v)):
         if x.dtype not in SUPPORTED_DTYPES:
             raise UnsupportedInput(f"pallas_tpu supports float32 and bfloat16 inputs; {name} is {x.dtype}")
