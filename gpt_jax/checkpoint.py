@@ -63,19 +63,26 @@ def model_signature(config, vocab_size: int) -> dict:
     return {"model": m, "attention": a, "tokenizer": config.data.tokenizer, "vocab_size": vocab_size}
 
 
-def check_compatible(saved: dict, current: dict, workdir: str) -> None:
-    """Refuse to resume a workdir whose checkpoint was made for another model."""
-    if saved == current:
-        return
+def signature_diffs(saved: dict | None, current: dict, arrow: str = "->") -> list[str]:
+    """The keys where two model signatures differ, as "section.key: saved <arrow> current"."""
+    saved = saved or {}
     diffs = []
     for section in sorted(set(saved) | set(current)):
         s, c = saved.get(section), current.get(section)
         if isinstance(s, dict) and isinstance(c, dict):
-            diffs += [f"{section}.{k}: {s.get(k)!r} -> {c.get(k)!r}" for k in sorted(set(s) | set(c)) if s.get(k) != c.get(k)]
+            diffs += [f"{section}.{k}: {s.get(k)!r} {arrow} {c.get(k)!r}" for k in sorted(set(s) | set(c))
+                      if s.get(k) != c.get(k)]
         elif s != c:
-            diffs.append(f"{section}: {s!r} -> {c!r}")
-    raise UserError(f"workdir {workdir} holds a checkpoint of a different model ({'; '.join(diffs)}); "
-                    f"use another --workdir or the original config")
+            diffs.append(f"{section}: {s!r} {arrow} {c!r}")
+    return diffs
+
+
+def check_compatible(saved: dict, current: dict, workdir: str) -> None:
+    """Refuse to resume a workdir whose checkpoint was made for another model."""
+    if saved == current:
+        return
+    raise UserError(f"workdir {workdir} holds a checkpoint of a different model "
+                    f"({'; '.join(signature_diffs(saved, current))}); use another --workdir or the original config")
 
 
 def write_config(workdir: str, config) -> None:

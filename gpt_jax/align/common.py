@@ -38,16 +38,8 @@ def log(msg: str) -> None:
 
 
 def signature_diffs(saved: dict | None, current: dict) -> list[str]:
-    saved = saved or {}
-    diffs = []
-    for section in sorted(set(saved) | set(current)):
-        s, c = saved.get(section), current.get(section)
-        if isinstance(s, dict) and isinstance(c, dict):
-            diffs += [f"{section}.{k}: {s.get(k)!r} vs {c.get(k)!r}" for k in sorted(set(s) | set(c))
-                      if s.get(k) != c.get(k)]
-        elif s != c:
-            diffs.append(f"{section}: {s!r} vs {c!r}")
-    return diffs
+    """As checkpoint.signature_diffs, worded for comparing against another stage's checkpoint."""
+    return ckpt_lib.signature_diffs(saved, current, arrow="vs")
 
 
 def tokenizer_of(workdir: str, key: str) -> Tokenizer:
