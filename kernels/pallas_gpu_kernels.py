@@ -163,6 +163,16 @@ def _cta_ranges(range_fn, tile0, cfg: PassConfig, rows, blk, wg):
     return own, (cta_lo, cta_hi)
 
 
+def _kv_issue(k_ref, v_ref, k_smem, v_smem, ready, b, kvh, bk):
+    """The copy a pass issues for key block `blk` into ring slot `slot`: its K and V rows of kv head
+    `kvh`, both arriving on the slot's `ready` barrier (which counts 2 arrivals)."""
+    def issue(blk, slot):
+        src = (b, pl.ds(blk * bk, bk), kvh)
+        plgpu.copy_gmem_to_smem(k_ref.at[src], k_smem.at[slot], ready.at[slot])
+        plgpu.copy_gmem_to_smem(v_ref.at[src], v_smem.at[slot], ready.at[slot])
+    return issue
+
+
 def _program():
     return (lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("tiles"), lax.axis_index("wg"))
 
@@ -190,10 +200,7 @@ def pass_forward(q, k, v, cfg: PassConfig):
         r0 = tile * (W * bq) + wg * bq
         ranges = _cta_ranges(row_tile_range, tile * (W * bq), cfg, bq, bk, wg)
 
-        def issue(blk, slot):
-            src = (b, pl.ds(blk * bk, bk), kvh)
-            plgpu.copy_gmem_to_smem(k_ref.at[src], k_smem.at[slot], ready.at[slot])
-            plgpu.copy_gmem_to_smem(v_ref.at[src], v_smem.at[slot], ready.at[slot])
+        issue = _kv_issue(k_ref, v_ref, k_smem, v_smem, ready, b, kvh, bk)
 
         def step(blk, slot, carry, masked):
             acc, m, l = carry
@@ -256,10 +263,7 @@ def pass_dq(q, k, v, do, lse2, delta, cfg: PassConfig):
         r0 = tile * (W * bq) + wg * bq
         ranges = _cta_ranges(row_tile_range, tile * (W * bq), cfg, bq, bk, wg)
 
-        def issue(blk, slot):
-            src = (b, pl.ds(blk * bk, bk), kvh)
-            plgpu.copy_gmem_to_smem(k_ref.at[src], k_smem.at[slot], ready.at[slot])
-            plgpu.copy_gmem_to_smem(v_ref.at[src], v_smem.at[slot], ready.at[slot])
+        issue = _kv_issue(k_ref, v_ref, k_smem, v_smem, ready, b, kvh, bk)
 
         def step(blk, slot, carry, masked):
             dq, lse, delta = carry
