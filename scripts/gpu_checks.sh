@@ -8,8 +8,16 @@
 #       ml-collections==1.1.0 tensorboardX==2.6.5
 # and copy the nanoGPT data beside them (../shared does not travel; the copy is ignored, never committed):
 #   echo /.data/ >> .git/info/exclude; mkdir -p .data; cp ../shared/data/tinyshakespeare.txt .data/
-# then run it with carry=[".whl", ".data"]:  bash scripts/gpu_checks.sh [quick]
+# then run it with carry=[".whl", ".data"]:  bash scripts/gpu_checks.sh [PART ...]
+# PARTs: tests attn train gen shakespeare (default: all of them, in that order; "quick" = all but
+# shakespeare). The device tool stops a command at 10 minutes: if the whole list does not fit, split
+# it over two calls, e.g. "tests attn" then "train gen shakespeare".
 set -uo pipefail
+PARTS="${*:-tests attn train gen shakespeare}"
+[ "$PARTS" = quick ] && PARTS="tests attn train gen"
+for p in $PARTS; do
+  case $p in tests|attn|train|gen|shakespeare) ;; *) echo "error: unknown part '$p' (tests attn train gen shakespeare quick)" >&2; exit 2;; esac
+done
 OUT="${OUT:-$PWD/gpu_out}"; mkdir -p "$OUT"
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
@@ -22,26 +30,36 @@ export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import jax; print(jax.__version__, jax.devices())" | tee -a "$OUT/gpu.txt"
 
-step() { echo; echo "=== $1"; }
+want() { [[ " $PARTS " == *" $1 "* ]]; }
+step() { echo; echo "=== $1 ($(date +%T))"; }
+
+if want tests; then
 step "GPU tests"
 python3 -m pytest tests/test_kernels_gpu.py tests/test_kernels_gpu_interpret.py -q -m "gpu or not gpu" 2>&1 | tee "$OUT/gpu_tests.txt" | tail -15
+fi
 
+if want attn; then
 step "attention benchmark"
 python3 -m kernels.bench --pattern local_strided --window 256 --stride 256 --seq 2048,8192,32768 \
     --tokens 32768 --heads 16 --head-dim 128 --out "$OUT/attn" 2>&1 | tee "$OUT/attn_bench.txt"
+fi
 
+if want train; then
 step "training benchmark (shakespeare_char, nanoGPT's config)"
 python3 -m gpt_jax.bench_train --config experiments/shakespeare_char.py \
     --config.data.path=$SHAKESPEARE --iters 50 --warmup 10 --out "$OUT/bench_train.json" \
     2>&1 | tee "$OUT/bench_train.txt"
+fi
 
+if want gen; then
 step "generation: cached vs uncached, GPT-3 Small shapes, random weights"
 for cfg in gpt3_small gpt3_small_sparse; do
   python3 -m gpt_jax.bench_generate --config experiments/$cfg.py --batch 1,32 --new-tokens 1024 \
       --out "$OUT/gen_$cfg.json" 2>&1 | tee "$OUT/gen_$cfg.txt"
 done
+fi
 
-if [ "${1:-}" != quick ]; then
+if want shakespeare; then
   step "shakespeare_char, 5000 iterations (nanoGPT: best val 1.459)"
   python3 -m gpt_jax.train --config experiments/shakespeare_char.py --workdir /tmp/shakespeare \
       --config.data.path=$SHAKESPEARE > "$OUT/shakespeare_train.txt" 2>&1
