@@ -122,3 +122,19 @@ def test_task_files_hold_out_evaluation_prompts(tmp_path):
     assert sorted(families.count(f) for f in set(families)) == [33, 33, 34]  # stratified
     assert task.generate_task_files(cfg, str(tmp_path / "again"))  # deterministic: same content
     assert open(paths["sft"]).read() == open(tmp_path / "again" / "sft.jsonl").read()
+
+
+def test_careless_demonstrations_wrap_the_answer_in_filler_the_scorer_rejects():
+    prompts = task.draw_prompts(2000, 0, held_out=False, fraction=0.1)
+    records = task.demonstrations(prompts, noise=0.3, seed=0)
+    scores = np.array([task.score(r["prompt"], r["response"]) for r in records])
+    careless = scores == 0.0
+    assert set(np.unique(scores)) == {0.0, 1.0}
+    assert abs(careless.mean() - 0.3) < 0.03
+    for r in np.array(records)[careless]:
+        ideal = task.answer(r["prompt"])
+        assert r["response"] != ideal and ideal in r["response"]
+    assert [task.has_filler(r["response"]) for r in records] == careless.tolist()  # what eval counts
+    assert task.demonstrations(prompts, noise=0.0, seed=0) == [{"prompt": p, "response": task.answer(p)} for p in prompts]
+    with pytest.raises(ValueError, match="demo_noise"):
+        task.demonstrations(prompts, noise=1.0, seed=0)

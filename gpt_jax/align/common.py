@@ -128,6 +128,14 @@ class StageDir:
             save_tokenizer(tok, self.workdir)
         return ckpt_lib.Checkpointer(self.workdir, keep=self.keep)
 
+    def resume(self, config, tok: Tokenizer, abstract_state, unit: str = "step"):
+        """(checkpointer, state restored from the latest checkpoint); only when `latest` is set."""
+        assert self.latest is not None, "resume() needs a checkpoint; check StageDir.latest first"
+        checkpointer = self.create(config, tok)
+        state = checkpointer.restore_state(self.latest, abstract_state)
+        log(f"resumed from {unit} {self.latest} in {checkpointer.directory}")
+        return checkpointer, state
+
 
 def check_stage_dir(workdir: str, stage: str, signature: dict, keep: int) -> StageDir:
     latest = meta = None

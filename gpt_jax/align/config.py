@@ -38,6 +38,7 @@ def get_align_base_config() -> ml_collections.ConfigDict:
         seed=0, families="arith,reverse,word", n_sft=4000, n_rank=1000, n_ppo=2000, n_eval=300,
         eval_fraction=0.1,               # share of arithmetic/reverse prompts held out for evaluation
         max_operand=99,
+        demo_noise=0.0,                  # share of SFT demonstrations wrapped in filler the scorer rejects
     ))
     c.sft = ml_collections.ConfigDict(dict(
         steps=1000, batch_size=32, grad_accum=1, pack=True, log_every=10, ckpt_every=250, keep_checkpoints=2,

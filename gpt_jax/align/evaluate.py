@@ -84,6 +84,7 @@ def evaluate(config, workdir: str | None) -> dict:
         "exact": float(np.mean([s == 1.0 for s in scores])),
         **{f"scorer_{k}": float(np.mean(v)) for k, v in sorted(by_family.items())},
         "stopped": float(np.mean([tok.eot_id in list(o) for o in outs])),
+        "filler": float(np.mean([task.has_filler(r) for r in responses])),  # the careless demonstrator's habit
         "examples": [{"prompt": p, "response": r, "score": s} for p, r, s in list(zip(texts, responses, scores))[:8]],
     }
     return result

@@ -146,12 +146,11 @@ def run_ppo(config, workdir: str, *, stop_at_iteration: int | None = None) -> co
         tuple(sorted(optimizer_config(c, n_updates).items())), tuple(sorted(value_opt.items())),
         float(c.clip), float(c.value_clip), float(c.temperature), float(c.ptx_coef))
     abstract = {"policy": policy.abstract_state, "value": value.abstract_state}
-    checkpointer = stage_dir.create(config, tok)
     if stage_dir.latest is not None:
-        states = checkpointer.restore_state(stage_dir.latest, abstract)
+        checkpointer, states = stage_dir.resume(config, tok, abstract, unit="iteration")
         kl_ctl = KLController(stage_dir.meta["kl_coef"], c.kl_target, c.kl_horizon)
-        common.log(f"resumed from iteration {stage_dir.latest} in {checkpointer.directory}")
     else:
+        checkpointer = stage_dir.create(config, tok)
         states = {"policy": policy.state_from_params(sft.params), "value": value.state_from_params(rm.params)}
         kl_ctl = KLController(c.beta, c.kl_target, c.kl_horizon)
     del sft, rm

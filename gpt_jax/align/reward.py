@@ -109,9 +109,7 @@ def run_reward(config, workdir: str, *, stop_at_step: int | None = None) -> comm
     trainer = AlignTrainer(ScalarHeadGPT(model_cfg), make_optimizer(optimizer_config(c, c.steps)), mesh,
                            config.sharding_rules, reward_loss, grad_accum=c.grad_accum)
     if stage_dir.latest is not None:
-        checkpointer = stage_dir.create(config, tok)
-        state = checkpointer.restore_state(stage_dir.latest, trainer.abstract_state)
-        common.log(f"resumed from step {stage_dir.latest} in {checkpointer.directory}")
+        checkpointer, state = stage_dir.resume(config, tok, trainer.abstract_state)
     else:
         gpt_abstract, _ = common.abstract_states(config, model_cfg, mesh)
         sft, _ = common.restore_previous(sft_dir, "align.sft_workdir", ("sft",), signature, gpt_abstract)

@@ -43,9 +43,7 @@ def run_sft(config, workdir: str, *, stop_at_step: int | None = None) -> common.
     trainer = AlignTrainer(GPT(model_cfg), make_optimizer(optimizer_config(c, c.steps)), mesh,
                            config.sharding_rules, sft_loss, grad_accum=c.grad_accum)
     if stage_dir.latest is not None:
-        checkpointer = stage_dir.create(config, tok)
-        state = checkpointer.restore_state(stage_dir.latest, trainer.abstract_state)
-        common.log(f"resumed from step {stage_dir.latest} in {checkpointer.directory}")
+        checkpointer, state = stage_dir.resume(config, tok, trainer.abstract_state)
     elif config.align.init_workdir:
         gpt_abstract, _ = common.abstract_states(config, model_cfg, mesh)
         init, _ = common.restore_previous(config.align.init_workdir, "align.init_workdir", ("pretrain", "sft"),

@@ -10,7 +10,9 @@ prompt and the response (so any response, from any model, can be judged):
 | `word`    | `One word: opposite of hot?`   | `cold`         | 1 the word; 0.3 one other lowercase word; 0 otherwise  |
 
 The generator writes SFT demonstrations, prompts to rank, PPO prompts and held-out evaluation
-prompts. Arithmetic and reverse prompts are split by a hash of their text: evaluation prompts never
+prompts. `task.demo_noise` > 0 makes a share of the demonstrations careless, as human ones are: the
+right answer wrapped in filler ("A: 85", "so cold", "1 9 4 ok"), which every scorer rates 0 because
+it asks for the bare answer. SFT imitates the filler; rankings can teach the model to drop it. Arithmetic and reverse prompts are split by a hash of their text: evaluation prompts never
 appear in any training file. The one-word family has a closed vocabulary, so its evaluation prompts
 are drawn from the same list (the skill there is the format and the recall).
 """
@@ -77,6 +79,36 @@ def score(prompt: str, response: str) -> float | None:
     if r == ideal:
         return 1.0
     return 0.3 if _ONE_WORD.match(r) else 0.0
+
+
+# A careless demonstrator's wrappers: short, so a wrapped six-digit reversal still fits 16 tokens.
+CARELESS_TEMPLATES = ("A: {}", "so {}", "{} ok")
+
+
+def careless_response(ideal: str, rng: np.random.Generator) -> str:
+    """The right answer wrapped in filler, which breaks the bare-answer format every scorer asks for."""
+    return CARELESS_TEMPLATES[rng.integers(len(CARELESS_TEMPLATES))].format(ideal)
+
+
+_FILLER = re.compile("^(?:" + "|".join(re.escape(t).replace(r"\{\}", ".+") for t in CARELESS_TEMPLATES) + ")$",
+                     re.DOTALL)
+
+
+def has_filler(response: str) -> bool:
+    """Whether a response is wrapped the careless demonstrator's way (whatever it wraps)."""
+    return bool(_FILLER.match(response.strip()))
+
+
+def demonstrations(prompts: list[str], noise: float, seed: int) -> list[dict]:
+    """SFT records: the ideal response, or with probability `noise` a careless one."""
+    if not 0.0 <= noise < 1.0:
+        raise ValueError(f"task.demo_noise={noise} must be in [0, 1)")
+    rng = np.random.default_rng(seed)
+    out = []
+    for p in prompts:
+        ideal = answer(p)
+        out.append({"prompt": p, "response": careless_response(ideal, rng) if rng.random() < noise else ideal})
+    return out
 
 
 def _held_out(prompt: str, fraction: float) -> bool:
@@ -152,7 +184,7 @@ def generate_task_files(task_cfg, out_dir: str) -> dict[str, str]:
     seed = task_cfg.seed
     sft = draw_prompts(task_cfg.n_sft, seed * 4 + 0, held_out=False, **kw)
     files = {
-        "sft": [{"prompt": p, "response": answer(p)} for p in sft],
+        "sft": demonstrations(sft, float(task_cfg.demo_noise), seed * 4 + 0),
         "rank_prompts": [{"prompt": p} for p in draw_prompts(task_cfg.n_rank, seed * 4 + 1, held_out=False, **kw)],
         "ppo_prompts": [{"prompt": p} for p in draw_prompts(task_cfg.n_ppo, seed * 4 + 2, held_out=False, **kw)],
         "eval_prompts": [{"prompt": p} for p in draw_eval_prompts(task_cfg.n_eval, seed * 4 + 3, **kw)],
