@@ -27,6 +27,7 @@ from gpt_jax.tokenizer import KINDS, Tokenizer, build_tokenizer, load_tokenizer,
 STDLIB = "stdlib"
 ARITH = "arith"  # generated GPT-3-style arithmetic worksheets (gpt_jax/tasks.py)
 WORDTASKS = "wordtasks"  # generated blocks of word-scrambling examples (gpt_jax/tasks.py)
+WORDPUZZLES = "wordpuzzles"  # the same, each block's answers in lowercase or Capitalized (gpt_jax/tasks.py)
 # Test suites are two thirds of the stdlib (31.7 MB with them, Python 3.12.1) and mostly repetitive
 # fixtures; without them the corpus is 686 files, 11.6 MB: the "about 11 MB" of the design notes.
 _STDLIB_SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test"}
@@ -54,9 +55,9 @@ def _source_files(path: str) -> tuple[Path, list[Path]]:
     if path in ("", STDLIB):
         root = _stdlib_root()
         return root, _walk(root, ".py", lambda d: d in _STDLIB_SKIP_DIRS)
-    if path in (ARITH, WORDTASKS):  # the generator's source file names (and so invalidates) the cached stream
+    if path in (ARITH, WORDTASKS, WORDPUZZLES):  # the generator's source file names (and so invalidates) the cached stream
         from gpt_jax import tasks
-        extra = [Path(__file__)] if path == WORDTASKS else []  # (its words come from the corpus loader)
+        extra = [Path(__file__)] if path != ARITH else []  # (the words come from the corpus loader)
         return Path(tasks.__file__), [Path(tasks.__file__), *extra]
     root = Path(os.path.expanduser(path))
     if not root.exists():
@@ -89,9 +90,9 @@ def load_documents(path: str) -> list[str]:
     if path == ARITH:
         from gpt_jax.tasks import arithmetic_documents
         return arithmetic_documents()
-    if path == WORDTASKS:
-        from gpt_jax.tasks import scramble_documents
-        return scramble_documents()
+    if path in (WORDTASKS, WORDPUZZLES):
+        from gpt_jax.tasks import PUZZLE_ANSWER_STYLES, scramble_documents
+        return scramble_documents(answer_styles=PUZZLE_ANSWER_STYLES if path == WORDPUZZLES else ("lower",))
     root, files = _source_files(path)
     if root.is_file():
         text = _read_text(root)

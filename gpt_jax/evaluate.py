@@ -163,7 +163,11 @@ def score_completion(lm, tokenizer, task: Task, k: int, seed: int, *, samples: i
     outs = lm.greedy(prompts, max_new)
     got = [extract_answer(tokenizer.decode([t for t in o if t != tokenizer.eot_id]), task.separator) for o in outs]
     correct = [int(g == ex["answer"].strip()) for g, ex in zip(got, task.examples)]
-    result = {"metric": "acc", "value": float(np.mean(correct)), "n": len(correct), "truncated": truncated}
+    # Also without case: tells a model that knows the answer but writes it in the wrong case (a
+    # format the examples of a few-shot prompt show) from one that does not know it.
+    nocase = [int(g.casefold() == ex["answer"].strip().casefold()) for g, ex in zip(got, task.examples)]
+    result = {"metric": "acc", "value": float(np.mean(correct)), "n": len(correct), "truncated": truncated,
+              "acc_nocase": float(np.mean(nocase))}
     if samples:
         result["samples"] = [{"context": ex["context"], "answer": ex["answer"].strip(), "got": g}
                              for ex, g in zip(task.examples[:samples], got)]
@@ -179,6 +183,11 @@ def evaluate_task(lm, tokenizer, task: Task, shots: list[int], seed: int, norm: 
             r = score_multiple_choice(lm, tokenizer, task, k, seed, norm)
         else:
             r = score_completion(lm, tokenizer, task, k, seed, samples=3)
+            nocase = r.pop("acc_nocase")
+            rows.append({"task": task.name, "shots": k, **r})
+            if any(ex["answer"].upper() != ex["answer"].lower() for ex in task.examples):  # has cased letters
+                rows.append({"task": task.name, "shots": k, "metric": "acc_nocase", "value": nocase, "n": r["n"]})
+            continue
         rows.append({"task": task.name, "shots": k, **r})
     return rows
 

@@ -167,22 +167,35 @@ def scramble_task(name: str, n: int, pool_size: int, seed: int, words: list[str]
 
 
 WORD_TASK_MIX = ("reversed_words", "random_insertion", "cycle_letters")
+# How a block writes its answers. The evaluated tasks want lowercase; the `wordpuzzles` source also
+# has answer keys that capitalize ("Objects"), one style per block, so a prompt without solved
+# examples does not say which style is wanted and a prompt with them does.
+ANSWER_STYLES = {"lower": str.lower, "capitalized": str.capitalize}
+PUZZLE_ANSWER_STYLES = ("lower", "capitalized")
 
 
 def scramble_documents(n_docs: int = 20000, seed: int = 4321, kinds: tuple[str, ...] = WORD_TASK_MIX,
-                       max_examples: int = 8, words: list[str] | None = None) -> list[str]:
+                       max_examples: int = 8, words: list[str] | None = None,
+                       answer_styles: tuple[str, ...] = ("lower",)) -> list[str]:
     """The `wordtasks` training source: blocks of 1-`max_examples` solved examples of ONE scrambling
     task, laid out exactly as the evaluator's K-shot prompts (description line, then
     "context answer" + separator per example), over the non-held-out words only. Every block opens
     with the same description, so the description does not say which transform is wanted (though the
-    input often does: BENCHMARKS.md)."""
+    input often does: BENCHMARKS.md). With several `answer_styles` (ANSWER_STYLES keys) each block
+    writes all its answers in one style drawn at random (the `wordpuzzles` source)."""
+    unknown = set(answer_styles) - set(ANSWER_STYLES)
+    if unknown or not answer_styles:
+        raise ValueError(f"answer_styles {answer_styles}: expected some of {sorted(ANSWER_STYLES)}")
     words = sorted({w for w in (corpus_words() if words is None else words) if not _held_out_word(w)})
     rng = np.random.default_rng(seed)
     docs = []
     for _ in range(n_docs):
         kind = kinds[int(rng.integers(len(kinds)))]
         k = int(rng.integers(1, max_examples + 1))
-        lines = [f"{scramble(kind, words[i], rng)} = {words[i]}{DEFAULT_SEPARATOR}"
+        # One draw only when there is a choice, so the single-style stream stays what it was.
+        style = ANSWER_STYLES[answer_styles[int(rng.integers(len(answer_styles)))] if len(answer_styles) > 1
+                              else answer_styles[0]]
+        lines = [f"{scramble(kind, words[i], rng)} = {style(words[i])}{DEFAULT_SEPARATOR}"
                  for i in rng.integers(len(words), size=k).tolist()]
         docs.append(SCRAMBLE_DESCRIPTION + "\n" + "".join(lines))
     return docs

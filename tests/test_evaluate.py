@@ -12,7 +12,7 @@ import pytest
 from conftest import REPO, assert_one_line_error, run_cli, tiny_config
 from gpt_jax import tasks
 from gpt_jax.errors import UserError
-from gpt_jax.evaluate import (build_prompt, choose_shots, extract_answer, score_completion,
+from gpt_jax.evaluate import (build_prompt, choose_shots, evaluate_task, extract_answer, score_completion,
                               score_multiple_choice)
 from gpt_jax.tokenizer import ByteTokenizer
 
@@ -93,6 +93,31 @@ def test_completion_is_exact_match_after_the_first_line():
     assert zero["value"] == pytest.approx(want)
     assert extract_answer(" 124\nQ: What is", "\n") == "124"
     assert extract_answer(" casino \n\nPlease", "\n\n") == "casino"
+
+
+class ShoutingLM:
+    """Answers every scrambled word right, in capitals unless the prompt holds a solved example."""
+
+    block_size = 256
+
+    def greedy(self, prompts, max_new_tokens):
+        out = []
+        for p in prompts:
+            text = TOK.decode([t for t in p if t != TOK.eot_id])
+            word = re.findall(r"(\S+) =$", text)[0][::-1]
+            out.append(TOK.encode(f" {word if text.count('=') > 1 else word.upper()}\n")[:max_new_tokens].tolist())
+        return out
+
+
+def test_completion_reports_exact_match_with_and_without_case():
+    words = [f"{a}{b}word" for a in "abcdefgh" for b in "ijklmnop"]
+    task = tasks.scramble_task("reversed_words", n=10, pool_size=10, seed=0, words=words)
+    zero = evaluate_task(ShoutingLM(), TOK, task, [0], seed=0)
+    few = evaluate_task(ShoutingLM(), TOK, task, [1], seed=0)
+    assert [(r["metric"], r["value"]) for r in zero] == [("acc", 0.0), ("acc_nocase", 1.0)]
+    assert [(r["metric"], r["value"]) for r in few] == [("acc", 1.0), ("acc_nocase", 1.0)]
+    numbers = tasks.arithmetic_task("add2", n=5, pool_size=5, seed=0)  # no case to ignore: no second row
+    assert [r["metric"] for r in evaluate_task(AddingLM(), TOK, numbers, [0, 1], seed=0)] == ["acc", "acc"]
 
 
 def test_prompts_follow_the_stated_conventions():
@@ -272,3 +297,21 @@ def test_sample_cli_hyphenated_flags_and_several_samples(workdir):
 ], ids=["prompt-too-long", "no-room", "empty-prompt"])
 def test_sample_cli_bad_input(workdir, args, fragments):
     assert_one_line_error(run_cli("gpt_jax.sample", "--workdir", workdir, *args), *fragments)
+
+
+def test_puzzle_blocks_write_every_answer_in_one_style_and_use_both_styles():
+    words = [f"{a}{b}{c}word" for a in "abcdefgh" for b in "ijklmnop" for c in "qrstuvwx"]
+    docs = tasks.scramble_documents(n_docs=200, seed=5, words=words, answer_styles=tasks.PUZZLE_ANSWER_STYLES)
+    styles = []
+    for doc in docs:
+        answers = [line.rsplit(" = ", 1)[1] for line in doc.split("\n")[1:-1]]
+        assert all(a.lower() in words for a in answers)
+        kinds = {"capitalized" if a[0].isupper() else "lower" for a in answers}
+        assert len(kinds) == 1 and all(a[1:].islower() for a in answers)
+        styles.append(kinds.pop())
+    assert 0.35 < styles.count("lower") / len(styles) < 0.65
+    # The default (the `wordtasks` source) is the lowercase-only stream.
+    assert tasks.scramble_documents(n_docs=50, seed=5, words=words) == \
+        tasks.scramble_documents(n_docs=50, seed=5, words=words, answer_styles=("lower",))
+    with pytest.raises(ValueError, match="answer_styles"):
+        tasks.scramble_documents(n_docs=1, words=words, answer_styles=("upper",))
