@@ -133,7 +133,11 @@ def format_table(rows) -> str:
 
 
 def plot(rows, path) -> None:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:  # the table and the JSON are the results; the plot is a view of them
+        print(f"matplotlib is not installed: no plot at {path}")
+        return
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))

@@ -5,7 +5,7 @@
 #   echo /.whl/ >> .git/info/exclude
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #       --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 -d .whl \
-#       ml-collections==1.1.0 tensorboardX==2.6.5
+#       ml-collections==1.1.0 tensorboardX==2.6.5 tqdm==4.70.1
 # and copy the nanoGPT data beside them (../shared does not travel; the copy is ignored, never committed):
 #   echo /.data/ >> .git/info/exclude; mkdir -p .data; cp ../shared/data/tinyshakespeare.txt .data/
 # then run it with carry=[".whl", ".data"]:  bash scripts/gpu_checks.sh [PART ...]
