@@ -4,7 +4,8 @@ Same route as the TPU kernel (kernels/schedule.py, DESIGN.md "Making local+strid
   band pass      natural layout; each query tile visits only the key blocks within the window;
   strided pass   residue-major layout (flat r*P + p holds position p*S + r, P = T/S): a causal
                  attention with diagonal offset ceil(window/S), residues packed block-diagonally
-                 into a tile when P is small;
+                 into a tile when P is small; read and written in place by strided TMA copies
+                 (`in_place`), or on XLA-transposed copies for shapes whose residues do not tile;
   merge          the passes' (o, lse) by logsumexp (schedule.merge_partials, guarded for -inf rows);
   backward       from the merged o and lse, each pass's flash backward (dq kernel over the forward
                  ranges, dk/dv kernel over the transposed ranges); contributions add.
@@ -82,23 +83,45 @@ def _from_residues(x, stride):
     return x.reshape(b, stride, t // stride, *x.shape[2:]).swapaxes(1, 2).reshape(x.shape)
 
 
-def _seq_layout(p: Pass):
-    """(to, back) for [B, T, H, D] arrays; the [B, H, T] lse/delta arrays use _lse_layout."""
+def in_place(p: Pass, t: int, blocks) -> bool:
+    """Whether the kernels read and write a residue-major pass in place (TMA copies of strided rows)
+    rather than on transposed copies: residues of P = T/S rows, P a multiple of 8 (the swizzled
+    tile's row group), and every block either inside one residue or made of whole residues."""
+    if not p.residue_major:
+        return False
+    seg = t // p.stride
+    return seg % 8 == 0 and all(seg % n == 0 or n % seg == 0 for n in blocks)
+
+
+def _seq_layout(p: Pass, t: int, blocks):
+    """(to, back) for [B, T, H, D] arrays; the [B, H, T] lse/delta arrays use _lse_layout.
+
+    In place, to/back are free reshapes to and from [B, T/S, S*H, D]; otherwise residue-major
+    passes run on XLA-transposed copies (reads and writes of every operand: kernels/NOTES.md)."""
     if not p.residue_major:
         return (lambda x: x), (lambda x: x)
+    if in_place(p, t, blocks):
+        s = p.stride
+        return (lambda x: x.reshape(x.shape[0], t // s, s * x.shape[2], x.shape[3]),
+                lambda x: x.reshape(x.shape[0], t, x.shape[2] // s, x.shape[3]))
     return (lambda x: _to_residues(x, p.stride)), (lambda x: _from_residues(x, p.stride))
 
 
 def _lse_layout(p: Pass):
-    to, back = _seq_layout(p)
-    return (lambda x: to(x.swapaxes(1, 2)).swapaxes(1, 2)), (lambda x: back(x.swapaxes(1, 2)).swapaxes(1, 2))
+    """(to, back) for [B, H, T] row statistics: transposed in either case (they are small)."""
+    if not p.residue_major:
+        return (lambda x: x), (lambda x: x)
+    to = lambda x: _to_residues(x.swapaxes(1, 2), p.stride).swapaxes(1, 2)  # noqa: E731
+    back = lambda x: _from_residues(x.swapaxes(1, 2), p.stride).swapaxes(1, 2)  # noqa: E731
+    return to, back
 
 
 def _config(p: Pass, t, block_q, block_k, interpret, dkv=False):
     K = _kernels()
+    residues = p.stride if in_place(p, t, (block_q, block_k)) else 0
     if dkv:  # per-warpgroup key rows = 64 (wgmma M), streamed query blocks of block_k
-        return K.PassConfig(p.mask, t, block_q=block_k, block_k=block_q, interpret=interpret)
-    return K.PassConfig(p.mask, t, block_q=block_q, block_k=block_k, interpret=interpret)
+        return K.PassConfig(p.mask, t, block_q=block_k, block_k=block_q, interpret=interpret, residues=residues)
+    return K.PassConfig(p.mask, t, block_q=block_q, block_k=block_k, interpret=interpret, residues=residues)
 
 
 # ------------------------------------------------------------------------------------------ passes
@@ -108,7 +131,7 @@ def _forward(q, k, v, pattern, block_q, block_k, interpret):
     t = q.shape[1]
     partials = []
     for p in passes_for(pattern, t):
-        to, back = _seq_layout(p)
+        to, back = _seq_layout(p, t, (block_q, block_k))
         _, lback = _lse_layout(p)
         o, lse = _kernels().pass_forward(to(q), to(k), to(v), _config(p, t, block_q, block_k, interpret))
         partials.append((back(o), lback(lse)))
@@ -129,7 +152,7 @@ def _backward(q, k, v, o, lse, do, pattern, block_q, block_k, interpret):
     block_k = BWD_BLOCK  # f32 dq/dk/dv staging + resident q/dO (or k/v) leave room for a 64-row ring only
     dq = dk = dv = 0.0
     for p in passes_for(pattern, t):
-        to, back = _seq_layout(p)
+        to, back = _seq_layout(p, t, (block_q, block_k))
         lto, _ = _lse_layout(p)
         args = (to(q), to(k), to(v), to(do), lto(lse2), lto(delta))
         dq = dq + back(_kernels().pass_dq(*args, _config(p, t, block_q, block_k, interpret)))

@@ -1,7 +1,8 @@
 """The three Mosaic GPU kernels of one attention pass: forward, dq, and dk/dv (H100, wgmma + TMA).
 
 Each kernel is a flash-attention over one pass's `DiagonalMask` (kernels/schedule.py) on arrays laid
-out [batch, seq, heads, head_dim] (the strided pass gets them already in residue-major order).
+out [batch, seq, heads, head_dim]. A residue-major pass (the strided one) either reads them in place
+(`PassConfig.residues`: strided TMA copies, see `_row_pieces`) or gets XLA-transposed copies.
 A CTA owns `W` tiles of 64 rows (one per compute warpgroup) and one memory warpgroup that streams
 the other operand's blocks through a ring of `slots` shared-memory buffers with TMA:
 
@@ -51,6 +52,19 @@ class PassConfig:
     compute_wgs: int = 2
     slots: int = 2
     interpret: object = False
+    # > 0: a residue-major pass read and written in place (see _row_pieces): the [B, T, H, D] arrays
+    # arrive reshaped to [B, T/S, S*H, D] (a free reshape), and flat row r*P + p is position p*S + r.
+    residues: int = 0
+
+    def dims(self, x):
+        """(batch, seq, heads, head_dim) of a [B, T, H, D] operand, however it arrived."""
+        b, _, h, d = x.shape
+        return b, self.seq_len, (h // self.residues if self.residues else h), d
+
+    def pieces(self, n: int) -> int:
+        """TMA copies that move n flat rows of one head: 1, or one per residue when residues are short."""
+        seg = self.seq_len // self.residues if self.residues else n
+        return max(1, n // seg)
 
 
 def _div(a, b):
@@ -163,13 +177,42 @@ def _cta_ranges(range_fn, tile0, cfg: PassConfig, rows, blk, wg):
     return own, (cta_lo, cta_hi)
 
 
-def _kv_issue(k_ref, v_ref, k_smem, v_smem, ready, b, kvh, bk):
-    """The copy a pass issues for key block `blk` into ring slot `slot`: its K and V rows of kv head
-    `kvh`, both arriving on the slot's `ready` barrier (which counts 2 arrivals)."""
+def _row_pieces(cfg: PassConfig, b, f0, n: int, head, heads: int):
+    """Where flat rows [f0, f0 + n) of one head live: a list of (GMEM index, SMEM row slice or None).
+
+    Natural layout: one piece, rows f0.. of the [B, T, H, D] array. Residue-major in place (arrays
+    [B, P, S*H, D], P = T/S; flat row r*P + p is position p*S + r, i.e. [b, p, r*H + head]): one
+    strided piece when the rows lie in one residue (P a multiple of n), else one piece per residue
+    (n a multiple of P), each filling P rows of the tile. pallas_gpu checks that one of them holds
+    and that P is a multiple of 8 (the swizzled tile's row group), so SMEM slices stay aligned."""
+    if not cfg.residues:
+        return [((b, pl.ds(f0, n), head), None)]
+    seg = cfg.seq_len // cfg.residues
+    if seg >= n:
+        return [((b, pl.ds(lax.rem(f0, seg), n), lax.div(f0, seg) * heads + head), None)]
+    r0 = lax.div(f0, seg)
+    return [((b, pl.ds(0, seg), (r0 + i) * heads + head), pl.ds(i * seg, seg)) for i in range(n // seg)]
+
+
+def _load_rows(src, dst, barrier, pieces):
+    for index, rows in pieces:
+        plgpu.copy_gmem_to_smem(src.at[index], dst if rows is None else dst.at[rows], barrier)
+
+
+def _store_rows(src, dst, pieces):
+    for index, rows in pieces:
+        plgpu.copy_smem_to_gmem(src if rows is None else src.at[rows], dst.at[index])
+
+
+def _kv_issue(cfg: PassConfig, k_ref, v_ref, k_smem, v_smem, ready, b, kvh, kv_heads: int):
+    """The copies a pass issues for key block `blk` into ring slot `slot`: its K and V rows of kv
+    head `kvh`, all arriving on the slot's `ready` barrier (2 * cfg.pieces(block_k) arrivals)."""
+    bk = cfg.block_k
+
     def issue(blk, slot):
-        src = (b, pl.ds(blk * bk, bk), kvh)
-        plgpu.copy_gmem_to_smem(k_ref.at[src], k_smem.at[slot], ready.at[slot])
-        plgpu.copy_gmem_to_smem(v_ref.at[src], v_smem.at[slot], ready.at[slot])
+        pieces = _row_pieces(cfg, b, blk * bk, bk, kvh, kv_heads)
+        _load_rows(k_ref, k_smem.at[slot], ready.at[slot], pieces)
+        _load_rows(v_ref, v_smem.at[slot], ready.at[slot], pieces)
     return issue
 
 
@@ -189,8 +232,9 @@ def _launch(body, cfg, out_type, scratch, grid):
 def pass_forward(q, k, v, cfg: PassConfig):
     """q: [B, T, H, D], k/v: [B, T, Hk, D] -> o [B, T, H, D] (q.dtype), lse [B, H, T] f32 (natural
     log; -inf for rows with no visible key, whose o is 0)."""
-    B, T, H, D = q.shape
-    group = H // k.shape[2]
+    B, T, H, D = cfg.dims(q)
+    Hk = cfg.dims(k)[2]
+    group = H // Hk
     W, bq, bk, slots, dtype = cfg.compute_wgs, cfg.block_q, cfg.block_k, cfg.slots, q.dtype
     scale2 = D ** -0.5 * LOG2E
 
@@ -200,7 +244,7 @@ def pass_forward(q, k, v, cfg: PassConfig):
         r0 = tile * (W * bq) + wg * bq
         ranges = _cta_ranges(row_tile_range, tile * (W * bq), cfg, bq, bk, wg)
 
-        issue = _kv_issue(k_ref, v_ref, k_smem, v_smem, ready, b, kvh, bk)
+        issue = _kv_issue(cfg, k_ref, v_ref, k_smem, v_smem, ready, b, kvh, Hk)
 
         def step(blk, slot, carry, masked):
             acc, m, l = carry
@@ -222,7 +266,8 @@ def pass_forward(q, k, v, cfg: PassConfig):
 
         @pl.when(wg < W)
         def _compute():
-            plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(r0, bq), h], q_smem.at[wg], q_bar.at[wg])
+            rows = _row_pieces(cfg, b, r0, bq, h, H)
+            _load_rows(q_ref, q_smem.at[wg], q_bar.at[wg], rows)
             plgpu.barrier_wait(q_bar.at[wg])
             acc, m, l = compute((acc0, m0, l0))
             empty = l == 0.0
@@ -230,7 +275,7 @@ def pass_forward(q, k, v, cfg: PassConfig):
             q_smem.at[wg][...] = (acc / _rows(l_safe, acc.shape)).astype(dtype)
             lse_smem.at[wg][...] = jnp.where(empty, -jnp.inf, (m + jnp.log2(l_safe)) * LN2)
             plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(q_smem.at[wg], o_ref.at[b, pl.ds(r0, bq), h])
+            _store_rows(q_smem.at[wg], o_ref, rows)
             plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[b, h, pl.ds(r0, bq)])
             plgpu.wait_smem_to_gmem(0)
 
@@ -239,10 +284,10 @@ def pass_forward(q, k, v, cfg: PassConfig):
                plgpu.SMEM((slots, bk, D), dtype, transforms=tr),
                plgpu.SMEM((slots, bk, D), dtype, transforms=tr),
                plgpu.SMEM((W, bq), jnp.float32),
-               plgpu.Barrier(num_barriers=W),
-               plgpu.Barrier(num_arrivals=2, num_barriers=slots),
+               plgpu.Barrier(num_arrivals=cfg.pieces(bq), num_barriers=W),
+               plgpu.Barrier(num_arrivals=2 * cfg.pieces(bk), num_barriers=slots),
                plgpu.Barrier(num_arrivals=W, num_barriers=slots)]
-    out_type = [jax.ShapeDtypeStruct((B, T, H, D), dtype), jax.ShapeDtypeStruct((B, H, T), jnp.float32)]
+    out_type = [jax.ShapeDtypeStruct(q.shape, dtype), jax.ShapeDtypeStruct((B, H, T), jnp.float32)]
     return _launch(body, cfg, out_type, scratch, (H, T // (W * bq), B))(q, k, v)
 
 
@@ -251,8 +296,9 @@ def pass_forward(q, k, v, cfg: PassConfig):
 def pass_dq(q, k, v, do, lse2, delta, cfg: PassConfig):
     """dq of one pass, float32 [B, T, H, D]. lse2: [B, H, T] merged lse in log2 units (+inf for rows
     with no key at all); delta: [B, H, T] rowsum(dO * o)."""
-    B, T, H, D = q.shape
-    group = H // k.shape[2]
+    B, T, H, D = cfg.dims(q)
+    Hk = cfg.dims(k)[2]
+    group = H // Hk
     W, bq, bk, slots, dtype = cfg.compute_wgs, cfg.block_q, cfg.block_k, cfg.slots, q.dtype
     scale = D ** -0.5
 
@@ -263,7 +309,7 @@ def pass_dq(q, k, v, do, lse2, delta, cfg: PassConfig):
         r0 = tile * (W * bq) + wg * bq
         ranges = _cta_ranges(row_tile_range, tile * (W * bq), cfg, bq, bk, wg)
 
-        issue = _kv_issue(k_ref, v_ref, k_smem, v_smem, ready, b, kvh, bk)
+        issue = _kv_issue(cfg, k_ref, v_ref, k_smem, v_smem, ready, b, kvh, Hk)
 
         def step(blk, slot, carry, masked):
             dq, lse, delta = carry
@@ -280,9 +326,9 @@ def pass_dq(q, k, v, do, lse2, delta, cfg: PassConfig):
 
         @pl.when(wg < W)
         def _compute():
-            rows = (b, pl.ds(r0, bq), h)
-            plgpu.copy_gmem_to_smem(q_ref.at[rows], q_smem.at[wg], res_bar.at[wg])
-            plgpu.copy_gmem_to_smem(do_ref.at[rows], do_smem.at[wg], res_bar.at[wg])
+            rows = _row_pieces(cfg, b, r0, bq, h, H)
+            _load_rows(q_ref, q_smem.at[wg], res_bar.at[wg], rows)
+            _load_rows(do_ref, do_smem.at[wg], res_bar.at[wg], rows)
             plgpu.copy_gmem_to_smem(lse_ref.at[b, h, pl.ds(r0, bq)], lse_smem.at[wg], res_bar.at[wg])
             plgpu.copy_gmem_to_smem(delta_ref.at[b, h, pl.ds(r0, bq)], delta_smem.at[wg], res_bar.at[wg])
             plgpu.barrier_wait(res_bar.at[wg])
@@ -292,7 +338,7 @@ def pass_dq(q, k, v, do, lse2, delta, cfg: PassConfig):
             dq, _, _ = compute((dq0, lse, delta))
             out_smem.at[wg][...] = dq * scale
             plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(out_smem.at[wg], dq_ref.at[rows])
+            _store_rows(out_smem.at[wg], dq_ref, rows)
             plgpu.wait_smem_to_gmem(0)
 
     tr = _transforms(dtype)
@@ -300,17 +346,18 @@ def pass_dq(q, k, v, do, lse2, delta, cfg: PassConfig):
                plgpu.SMEM((W, bq), jnp.float32), plgpu.SMEM((W, bq), jnp.float32),
                plgpu.SMEM((slots, bk, D), dtype, transforms=tr), plgpu.SMEM((slots, bk, D), dtype, transforms=tr),
                plgpu.SMEM((W, bq, D), jnp.float32),
-               plgpu.Barrier(num_arrivals=4, num_barriers=W),
-               plgpu.Barrier(num_arrivals=2, num_barriers=slots),
+               plgpu.Barrier(num_arrivals=2 * cfg.pieces(bq) + 2, num_barriers=W),
+               plgpu.Barrier(num_arrivals=2 * cfg.pieces(bk), num_barriers=slots),
                plgpu.Barrier(num_arrivals=W, num_barriers=slots)]
-    out_type = jax.ShapeDtypeStruct((B, T, H, D), jnp.float32)
+    out_type = jax.ShapeDtypeStruct(q.shape, jnp.float32)
     return _launch(body, cfg, out_type, scratch, (H, T // (W * bq), B))(q, k, v, do, lse2, delta)
 
 
 def pass_dkv(q, k, v, do, lse2, delta, cfg: PassConfig):
     """dk, dv of one pass per query head, float32 [B, T, H, D] each (the caller sums GQA groups)."""
-    B, T, H, D = q.shape
-    group = H // k.shape[2]
+    B, T, H, D = cfg.dims(q)
+    Hk = cfg.dims(k)[2]
+    group = H // Hk
     W, bq, bk, slots, dtype = cfg.compute_wgs, cfg.block_q, cfg.block_k, cfg.slots, q.dtype
     scale = D ** -0.5
 
@@ -322,9 +369,9 @@ def pass_dkv(q, k, v, do, lse2, delta, cfg: PassConfig):
         ranges = _cta_ranges(col_tile_range, tile * (W * bk), cfg, bk, bq, wg)
 
         def issue(blk, slot):
-            src = (b, pl.ds(blk * bq, bq), h)
-            plgpu.copy_gmem_to_smem(q_ref.at[src], q_smem.at[slot], ready.at[slot])
-            plgpu.copy_gmem_to_smem(do_ref.at[src], do_smem.at[slot], ready.at[slot])
+            src = _row_pieces(cfg, b, blk * bq, bq, h, H)
+            _load_rows(q_ref, q_smem.at[slot], ready.at[slot], src)
+            _load_rows(do_ref, do_smem.at[slot], ready.at[slot], src)
             plgpu.copy_gmem_to_smem(lse_ref.at[b, h, pl.ds(blk * bq, bq)], lse_smem.at[slot], ready.at[slot])
             plgpu.copy_gmem_to_smem(delta_ref.at[b, h, pl.ds(blk * bq, bq)], delta_smem.at[slot], ready.at[slot])
 
@@ -346,20 +393,20 @@ def pass_dkv(q, k, v, do, lse2, delta, cfg: PassConfig):
 
         @pl.when(wg < W)
         def _compute():
-            rows = (b, pl.ds(c0, bk), kvh)
-            plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem.at[wg], res_bar.at[wg])
-            plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem.at[wg], res_bar.at[wg])
+            rows = _row_pieces(cfg, b, c0, bk, kvh, Hk)
+            _load_rows(k_ref, k_smem.at[wg], res_bar.at[wg], rows)
+            _load_rows(v_ref, v_smem.at[wg], res_bar.at[wg], rows)
             plgpu.barrier_wait(res_bar.at[wg])
             zero = plgpu.layout_cast(jnp.zeros((bk, D), jnp.float32), plgpu.Layout.WGMMA)
             dk, dv = compute((zero, zero))
-            out = (b, pl.ds(c0, bk), h)
+            out = _row_pieces(cfg, b, c0, bk, h, H)
             out_smem.at[wg][...] = dk * scale
             plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(out_smem.at[wg], dk_ref.at[out])
+            _store_rows(out_smem.at[wg], dk_ref, out)
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)
             out_smem.at[wg][...] = dv
             plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(out_smem.at[wg], dv_ref.at[out])
+            _store_rows(out_smem.at[wg], dv_ref, out)
             plgpu.wait_smem_to_gmem(0)
 
     tr = _transforms(dtype)
@@ -367,8 +414,8 @@ def pass_dkv(q, k, v, do, lse2, delta, cfg: PassConfig):
                plgpu.SMEM((slots, bq, D), dtype, transforms=tr), plgpu.SMEM((slots, bq, D), dtype, transforms=tr),
                plgpu.SMEM((slots, bq), jnp.float32), plgpu.SMEM((slots, bq), jnp.float32),
                plgpu.SMEM((W, bk, D), jnp.float32),
-               plgpu.Barrier(num_arrivals=2, num_barriers=W),
-               plgpu.Barrier(num_arrivals=4, num_barriers=slots),
+               plgpu.Barrier(num_arrivals=2 * cfg.pieces(bk), num_barriers=W),
+               plgpu.Barrier(num_arrivals=2 * cfg.pieces(bq) + 2, num_barriers=slots),
                plgpu.Barrier(num_arrivals=W, num_barriers=slots)]
-    out_type = [jax.ShapeDtypeStruct((B, T, H, D), jnp.float32)] * 2
+    out_type = [jax.ShapeDtypeStruct(q.shape, jnp.float32)] * 2
     return _launch(body, cfg, out_type, scratch, (H, T // (W * bk), B))(q, k, v, do, lse2, delta)

@@ -49,6 +49,8 @@ CASES = [
      "window < stride, bf16, block_k 128; 2 rows per residue"),
     (patterns.local_strided(8, 2), 256, 1, 1, jnp.float32, 64,
      "128 rows per residue: unpacked strided pass, two tiles per residue, two CTAs per pass"),
+    (patterns.local_strided(8, 4), 256, 2, 2, jnp.float32, 128,
+     "64 rows per residue, block_k 128: query tiles of one residue, key blocks of two"),
 ]
 
 
@@ -108,6 +110,39 @@ def test_dense_kernels_have_no_races_within_a_cta():
         assert _rel(g, r) < 1e-2, (name, _rel(g, r))
 
 
+def test_in_place_strided_pass_is_race_free_and_equals_the_transposed_one():
+    """One CTA of the strided pass with 8-row residues (each 64-row tile is 8 TMA copies on one
+    barrier), one-slot ring, race detector on: the three kernels reading the arrays in place give
+    exactly what they give on XLA-transposed copies."""
+    from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks
+
+    from kernels.pallas_gpu import _from_residues, _to_residues
+    from kernels.schedule import passes_for
+
+    t, s = 128, 16
+    strided = passes_for(patterns.local_strided(s, s), t)[1]
+    q, k, v, do = _inputs(3, t, 1, 1, 64, jnp.bfloat16)
+    lse2 = jax.random.normal(jax.random.key(4), (1, 1, t)) + 8.0  # any finite row statistics will do
+    delta = jax.random.normal(jax.random.key(5), (1, 1, t))
+    params = plgpu.InterpretGPUParams(detect_races=True)
+    copied = PassConfig(strided.mask, t, block_q=64, block_k=64, slots=1, interpret=params)
+    in_place = PassConfig(strided.mask, t, block_q=64, block_k=64, slots=1, interpret=params, residues=s)
+    to, back = (lambda x: _to_residues(x, s)), (lambda x: _from_residues(x, s))
+    flat = lambda x: x.reshape(1, t // s, s, 64)  # noqa: E731  [B, T, 1, D] -> [B, T/S, S*H, D]
+    natural = lambda x: x.reshape(1, t, 1, 64)  # noqa: E731
+    runs = {
+        "forward": (lambda c, f, b: [b(pass_forward(f(q), f(k), f(v), c)[0])]),
+        "dq": (lambda c, f, b: [b(pass_dq(f(q), f(k), f(v), f(do), lse2, delta, c))]),
+        "dkv": (lambda c, f, b: [b(g) for g in pass_dkv(f(q), f(k), f(v), f(do), lse2, delta, c)]),
+    }
+    for name, run in runs.items():
+        want = jax.block_until_ready(run(copied, to, back))
+        got = jax.block_until_ready(run(in_place, flat, natural))
+        assert not gpu_callbacks._races.races_found, name
+        for g, w in zip(got, want):
+            np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(w, np.float32), err_msg=name)
+
+
 def test_unsupported_inputs_raise():
     q = jnp.zeros((1, 256, 1, 64), jnp.float32)
     with pytest.raises(UnsupportedInput, match="float32 only in interpret"):
@@ -131,6 +166,26 @@ def test_lowers_for_cuda_at_benchmark_shape(seq=2048):
     # the gradient runs the forward kernels (custom_vjp fwd) and the dq and dk/dv kernels of both passes
     text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(x, x, x).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("mosaic_gpu") >= 6
+    # The strided pass reads q, k, v, dO and writes o, dq, dk, dv in place: no XLA transpose of any
+    # [.., head_dim] array is left, only of the [B, H, T] row statistics.
+    transposes = [line for line in text.splitlines() if "stablehlo.transpose" in line]
+    assert transposes and not [t for t in transposes if "x128xbf16>" in t or "x128xf32>" in t]
+
+
+def test_strided_pass_runs_in_place_when_residues_tile_evenly():
+    from kernels.pallas_gpu import in_place
+    from kernels.schedule import passes_for
+
+    def strided_in_place(t, stride, blocks):
+        band, strided = passes_for(patterns.local_strided(stride, stride), t)
+        assert not in_place(band, t, blocks) and strided.residue_major
+        return in_place(strided, t, blocks)
+
+    assert strided_in_place(2048, 256, (64, 128))       # 8 rows per residue: 8 and 16 per block
+    assert strided_in_place(32768, 256, (64, 128))      # 128 rows: one residue per block
+    assert strided_in_place(256, 4, (64, 128))          # 64 rows: a query tile is one, a key block two
+    assert not strided_in_place(128, 64, (64, 64))      # 2 rows per residue: below the 8-row group
+    assert not strided_in_place(24576, 256, (64, 128))  # 96 rows: blocks would straddle residues
 
 
 def test_block_ranges_match_brute_force_schedules():
