@@ -6,9 +6,13 @@ Same route as the TPU kernel (kernels/schedule.py, DESIGN.md "Making local+strid
                  attention with diagonal offset ceil(window/S), residues packed block-diagonally
                  into a tile when P is small; read and written in place by strided TMA copies
                  (`in_place`), or on XLA-transposed copies for shapes whose residues do not tile;
-  merge          the passes' (o, lse) by logsumexp (schedule.merge_partials, guarded for -inf rows);
+  merge          the passes' (o, lse) by logsumexp, guarded for -inf rows: in the strided pass's
+                 epilogue, which loads the band pass's rows (schedule.merge_partials in XLA on the
+                 transposed fallback);
   backward       from the merged o and lse, each pass's flash backward (dq kernel over the forward
-                 ranges, dk/dv kernel over the transposed ranges); contributions add.
+                 ranges, dk/dv kernel over the transposed ranges); each pass's kernels add the
+                 earlier passes' f32 gradients and the last writes the input dtype (XLA sums on
+                 the fallback).
 The kernels themselves (wgmma, TMA ring buffers, a memory warpgroup) are in pallas_gpu_kernels.py.
 
 Status (see kernels/NOTES.md): checked numerically on CPU in the Mosaic GPU interpreter and lowered
@@ -129,9 +133,21 @@ def _config(p: Pass, t, block_q, block_k, interpret, dkv=False):
 def _forward(q, k, v, pattern, block_q, block_k, interpret):
     """o [B, T, H, D] in q.dtype, lse [B, H, T] f32."""
     t = q.shape[1]
+    blocks = (block_q, block_k)
+    passes = passes_for(pattern, t)
+    if all(not p.residue_major or in_place(p, t, blocks) for p in passes):
+        # Each pass merges the earlier passes' (o, lse) in its epilogue: no XLA merge.
+        o = lse = None
+        for p in passes:
+            to, back = _seq_layout(p, t, blocks)
+            lto, lback = _lse_layout(p)
+            partial = None if o is None else (to(o), lto(lse))
+            o, lse = _kernels().pass_forward(to(q), to(k), to(v), _config(p, t, block_q, block_k, interpret), partial)
+            o, lse = back(o), lback(lse)
+        return o, lse
     partials = []
-    for p in passes_for(pattern, t):
-        to, back = _seq_layout(p, t, (block_q, block_k))
+    for p in passes:
+        to, back = _seq_layout(p, t, blocks)
         _, lback = _lse_layout(p)
         o, lse = _kernels().pass_forward(to(q), to(k), to(v), _config(p, t, block_q, block_k, interpret))
         partials.append((back(o), lback(lse)))
@@ -150,16 +166,32 @@ def _backward(q, k, v, o, lse, do, pattern, block_q, block_k, interpret):
     lse2 = jnp.where(jnp.isneginf(lse), jnp.inf, lse * LOG2E)  # rows with no key: P = exp2(s - inf) = 0
     do = do.astype(q.dtype)
     block_k = BWD_BLOCK  # f32 dq/dk/dv staging + resident q/dO (or k/v) leave room for a 64-row ring only
-    dq = dk = dv = 0.0
-    for p in passes_for(pattern, t):
-        to, back = _seq_layout(p, t, (block_q, block_k))
+    blocks = (block_q, block_k)
+    passes = passes_for(pattern, t)
+    # When every pass reads [B, T, H, D] in place, each pass's kernels add the earlier passes' f32
+    # gradients in their epilogue and the last pass writes the input dtype: no XLA sum or cast
+    # (GQA's dk/dv stay f32 for the sum over the group). Otherwise the passes' f32 outputs add in XLA.
+    chained = all(not p.residue_major or in_place(p, t, blocks) for p in passes)
+    dq = dk = dv = None
+    for i, p in enumerate(passes):
+        to, back = _seq_layout(p, t, blocks)
         lto, _ = _lse_layout(p)
         args = (to(q), to(k), to(v), to(do), lto(lse2), lto(delta))
-        dq = dq + back(_kernels().pass_dq(*args, _config(p, t, block_q, block_k, interpret)))
-        gk, gv = _kernels().pass_dkv(*args, _config(p, t, block_q, block_k, interpret, dkv=True))
-        dk, dv = dk + back(gk), dv + back(gv)
-    dk = dk.reshape(b, t, hk, h // hk, d).sum(axis=3)
-    dv = dv.reshape(b, t, hk, h // hk, d).sum(axis=3)
+        cfg, cfg_dkv = _config(p, t, block_q, block_k, interpret), _config(p, t, block_q, block_k, interpret, dkv=True)
+        if chained:
+            last = i == len(passes) - 1
+            gq = _kernels().pass_dq(*args, cfg, partial=None if dq is None else to(dq),
+                                    out_dtype=q.dtype if last else jnp.float32)
+            gk, gv = _kernels().pass_dkv(*args, cfg_dkv, partials=None if dk is None else (to(dk), to(dv)),
+                                         out_dtype=k.dtype if last and h == hk else jnp.float32)
+            dq, dk, dv = back(gq), back(gk), back(gv)
+        else:
+            gq = back(_kernels().pass_dq(*args, cfg))
+            gk, gv = (back(g) for g in _kernels().pass_dkv(*args, cfg_dkv))
+            dq, dk, dv = (gq, gk, gv) if dq is None else (dq + gq, dk + gk, dv + gv)
+    if h != hk:
+        dk = dk.reshape(b, t, hk, h // hk, d).sum(axis=3)
+        dv = dv.reshape(b, t, hk, h // hk, d).sum(axis=3)
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
 

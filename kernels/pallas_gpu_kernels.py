@@ -216,6 +216,24 @@ def _kv_issue(cfg: PassConfig, k_ref, v_ref, k_smem, v_smem, ready, b, kvh, kv_h
     return issue
 
 
+def _write_rows(acc, rows, out_ref, f32_stage, low_stage, partial_bar=None):
+    """Store a warpgroup's f32 tile `acc` to `rows` of out_ref, in out_ref's dtype (staged through
+    f32_stage, or low_stage for 16-bit outputs). With partial_bar, an earlier pass's f32 partial was
+    sent into f32_stage on that barrier: it is added first, so the passes' sum never makes a round
+    trip through memory in XLA. Each thread reads and writes only its own WGMMA-layout elements."""
+    if partial_bar is not None:
+        plgpu.barrier_wait(partial_bar)
+        acc = acc + plgpu.load(f32_stage, layout=plgpu.Layout.WGMMA)
+    if out_ref.dtype == jnp.float32:
+        f32_stage[...] = acc
+        stage = f32_stage
+    else:
+        low_stage[...] = acc.astype(out_ref.dtype)
+        stage = low_stage
+    plgpu.commit_smem()  # also fences those generic reads before any later TMA write into f32_stage
+    _store_rows(stage, out_ref, rows)
+
+
 def _program():
     return (lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("tiles"), lax.axis_index("wg"))
 
@@ -229,16 +247,24 @@ def _launch(body, cfg, out_type, scratch, grid):
 
 # --------------------------------------------------------------------------------------------- forward
 
-def pass_forward(q, k, v, cfg: PassConfig):
+def pass_forward(q, k, v, cfg: PassConfig, partial=None):
     """q: [B, T, H, D], k/v: [B, T, Hk, D] -> o [B, T, H, D] (q.dtype), lse [B, H, T] f32 (natural
-    log; -inf for rows with no visible key, whose o is 0)."""
+    log; -inf for rows with no visible key, whose o is 0).
+
+    partial: (o, lse) of an earlier pass over other keys of the same rows, laid out as this pass's
+    (o, lse); the epilogue merges it by logsumexp (schedule.merge_partials), so the result is the
+    attention over both passes' keys and the partial never makes an XLA round trip."""
     B, T, H, D = cfg.dims(q)
     Hk = cfg.dims(k)[2]
     group = H // Hk
     W, bq, bk, slots, dtype = cfg.compute_wgs, cfg.block_q, cfg.block_k, cfg.slots, q.dtype
     scale2 = D ** -0.5 * LOG2E
 
-    def body(q_ref, k_ref, v_ref, o_ref, lse_ref, q_smem, k_smem, v_smem, lse_smem, q_bar, ready, consumed):
+    inputs = (q, k, v) + tuple(partial or ())
+
+    def body(*refs):
+        (q_ref, k_ref, v_ref, *part, o_ref, lse_ref, q_smem, k_smem, v_smem, lse_smem, part_smem, part_lse_smem,
+         q_bar, part_bar, ready, consumed) = refs
         b, h, tile, wg = _program()
         kvh = lax.div(h, group)
         r0 = tile * (W * bq) + wg * bq
@@ -268,8 +294,24 @@ def pass_forward(q, k, v, cfg: PassConfig):
         def _compute():
             rows = _row_pieces(cfg, b, r0, bq, h, H)
             _load_rows(q_ref, q_smem.at[wg], q_bar.at[wg], rows)
+            if part:  # the earlier pass's o and lse of these rows land while the keys stream
+                _load_rows(part[0], part_smem.at[wg], part_bar.at[wg], rows)
+                plgpu.copy_gmem_to_smem(part[1].at[b, h, pl.ds(r0, bq)], part_lse_smem.at[wg], part_bar.at[wg])
             plgpu.barrier_wait(q_bar.at[wg])
             acc, m, l = compute((acc0, m0, l0))
+            if part:
+                # o = (w1 o1 + acc 2^(m - m*)) / (w1 + l 2^(m - m*)), w1 = 2^(lse1 - m*), in log2 units
+                # with m* the larger of lse1 and this pass's log2 sum; rows empty in both give 0, -inf.
+                plgpu.barrier_wait(part_bar.at[wg])
+                lse1 = plgpu.load(part_lse_smem.at[wg], layout=plgpu.Layout.WGMMA.reduce(1)) * LOG2E
+                own = jnp.where(l == 0.0, -jnp.inf, m + jnp.log2(jnp.where(l == 0.0, 1.0, l)))
+                top = jnp.maximum(lse1, own)
+                top = jnp.where(top == -jnp.inf, 0.0, top)
+                w1 = jnp.exp2(lse1 - top)
+                w2 = jnp.exp2(m - top)
+                o1 = plgpu.load(part_smem.at[wg], layout=plgpu.Layout.WGMMA).astype(jnp.float32)
+                acc = _rows(w1, acc.shape) * o1 + acc * _rows(w2, acc.shape)
+                l, m = w1 + l * w2, top
             empty = l == 0.0
             l_safe = jnp.where(empty, 1.0, l)
             q_smem.at[wg][...] = (acc / _rows(l_safe, acc.shape)).astype(dtype)
@@ -280,30 +322,38 @@ def pass_forward(q, k, v, cfg: PassConfig):
             plgpu.wait_smem_to_gmem(0)
 
     tr = _transforms(dtype)
+    merged = (W if partial else 1, bq)  # the partial's buffers: a token size when there is none
     scratch = [plgpu.SMEM((W, bq, D), dtype, transforms=tr),
                plgpu.SMEM((slots, bk, D), dtype, transforms=tr),
                plgpu.SMEM((slots, bk, D), dtype, transforms=tr),
                plgpu.SMEM((W, bq), jnp.float32),
+               plgpu.SMEM((*merged, D if partial else 64), dtype, transforms=tr),
+               plgpu.SMEM(merged, jnp.float32),
                plgpu.Barrier(num_arrivals=cfg.pieces(bq), num_barriers=W),
+               plgpu.Barrier(num_arrivals=cfg.pieces(bq) + 1, num_barriers=W),
                plgpu.Barrier(num_arrivals=2 * cfg.pieces(bk), num_barriers=slots),
                plgpu.Barrier(num_arrivals=W, num_barriers=slots)]
     out_type = [jax.ShapeDtypeStruct(q.shape, dtype), jax.ShapeDtypeStruct((B, H, T), jnp.float32)]
-    return _launch(body, cfg, out_type, scratch, (H, T // (W * bq), B))(q, k, v)
+    return _launch(body, cfg, out_type, scratch, (H, T // (W * bq), B))(*inputs)
 
 
 # -------------------------------------------------------------------------------------------- backward
 
-def pass_dq(q, k, v, do, lse2, delta, cfg: PassConfig):
-    """dq of one pass, float32 [B, T, H, D]. lse2: [B, H, T] merged lse in log2 units (+inf for rows
-    with no key at all); delta: [B, H, T] rowsum(dO * o)."""
+def pass_dq(q, k, v, do, lse2, delta, cfg: PassConfig, partial=None, out_dtype=jnp.float32):
+    """dq of one pass [B, T, H, D] in out_dtype (float32, or q.dtype for the last pass), plus
+    `partial` (float32 dq of the earlier passes, laid out as q) when given. lse2: [B, H, T] merged
+    lse in log2 units (+inf for rows with no key at all); delta: [B, H, T] rowsum(dO * o)."""
     B, T, H, D = cfg.dims(q)
     Hk = cfg.dims(k)[2]
     group = H // Hk
     W, bq, bk, slots, dtype = cfg.compute_wgs, cfg.block_q, cfg.block_k, cfg.slots, q.dtype
     scale = D ** -0.5
 
-    def body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref,
-             q_smem, do_smem, lse_smem, delta_smem, k_smem, v_smem, out_smem, res_bar, ready, consumed):
+    inputs = (q, k, v, do, lse2, delta) + (() if partial is None else (partial,))
+
+    def body(*refs):
+        (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *part, dq_ref, q_smem, do_smem, lse_smem,
+         delta_smem, k_smem, v_smem, out_smem, res_bar, part_bar, ready, consumed) = refs
         b, h, tile, wg = _program()
         kvh = lax.div(h, group)
         r0 = tile * (W * bq) + wg * bq
@@ -331,14 +381,14 @@ def pass_dq(q, k, v, do, lse2, delta, cfg: PassConfig):
             _load_rows(do_ref, do_smem.at[wg], res_bar.at[wg], rows)
             plgpu.copy_gmem_to_smem(lse_ref.at[b, h, pl.ds(r0, bq)], lse_smem.at[wg], res_bar.at[wg])
             plgpu.copy_gmem_to_smem(delta_ref.at[b, h, pl.ds(r0, bq)], delta_smem.at[wg], res_bar.at[wg])
+            if part:  # lands in the staging buffer while the key blocks stream
+                _load_rows(part[0], out_smem.at[wg], part_bar.at[wg], rows)
             plgpu.barrier_wait(res_bar.at[wg])
             lse = plgpu.load(lse_smem.at[wg], layout=plgpu.Layout.WGMMA.reduce(1))
             delta = plgpu.load(delta_smem.at[wg], layout=plgpu.Layout.WGMMA.reduce(1))
             dq0 = plgpu.layout_cast(jnp.zeros((bq, D), jnp.float32), plgpu.Layout.WGMMA)
             dq, _, _ = compute((dq0, lse, delta))
-            out_smem.at[wg][...] = dq * scale
-            plgpu.commit_smem()
-            _store_rows(out_smem.at[wg], dq_ref, rows)
+            _write_rows(dq * scale, rows, dq_ref, out_smem.at[wg], q_smem.at[wg], part_bar.at[wg] if part else None)
             plgpu.wait_smem_to_gmem(0)
 
     tr = _transforms(dtype)
@@ -347,22 +397,27 @@ def pass_dq(q, k, v, do, lse2, delta, cfg: PassConfig):
                plgpu.SMEM((slots, bk, D), dtype, transforms=tr), plgpu.SMEM((slots, bk, D), dtype, transforms=tr),
                plgpu.SMEM((W, bq, D), jnp.float32),
                plgpu.Barrier(num_arrivals=2 * cfg.pieces(bq) + 2, num_barriers=W),
+               plgpu.Barrier(num_arrivals=cfg.pieces(bq), num_barriers=W),
                plgpu.Barrier(num_arrivals=2 * cfg.pieces(bk), num_barriers=slots),
                plgpu.Barrier(num_arrivals=W, num_barriers=slots)]
-    out_type = jax.ShapeDtypeStruct(q.shape, jnp.float32)
-    return _launch(body, cfg, out_type, scratch, (H, T // (W * bq), B))(q, k, v, do, lse2, delta)
+    out_type = jax.ShapeDtypeStruct(q.shape, out_dtype)
+    return _launch(body, cfg, out_type, scratch, (H, T // (W * bq), B))(*inputs)
 
 
-def pass_dkv(q, k, v, do, lse2, delta, cfg: PassConfig):
-    """dk, dv of one pass per query head, float32 [B, T, H, D] each (the caller sums GQA groups)."""
+def pass_dkv(q, k, v, do, lse2, delta, cfg: PassConfig, partials=None, out_dtype=jnp.float32):
+    """dk, dv of one pass per query head, [B, T, H, D] each in out_dtype (the caller sums GQA groups),
+    plus `partials` (float32 dk, dv of the earlier passes, laid out as q) when given."""
     B, T, H, D = cfg.dims(q)
     Hk = cfg.dims(k)[2]
     group = H // Hk
     W, bq, bk, slots, dtype = cfg.compute_wgs, cfg.block_q, cfg.block_k, cfg.slots, q.dtype
     scale = D ** -0.5
 
-    def body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
-             k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, out_smem, res_bar, ready, consumed):
+    inputs = (q, k, v, do, lse2, delta) + tuple(partials or ())
+
+    def body(*refs):
+        (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *part, dk_ref, dv_ref, k_smem, v_smem, q_smem,
+         do_smem, lse_smem, delta_smem, out_smem, res_bar, part_bar, ready, consumed) = refs
         b, h, tile, wg = _program()
         kvh = lax.div(h, group)
         c0 = tile * (W * bk) + wg * bk
@@ -396,17 +451,18 @@ def pass_dkv(q, k, v, do, lse2, delta, cfg: PassConfig):
             rows = _row_pieces(cfg, b, c0, bk, kvh, Hk)
             _load_rows(k_ref, k_smem.at[wg], res_bar.at[wg], rows)
             _load_rows(v_ref, v_smem.at[wg], res_bar.at[wg], rows)
+            out = _row_pieces(cfg, b, c0, bk, h, H)
+            if part:  # dk's partial lands in the staging buffer while the query blocks stream
+                _load_rows(part[0], out_smem.at[wg], part_bar.at[wg], out)
             plgpu.barrier_wait(res_bar.at[wg])
             zero = plgpu.layout_cast(jnp.zeros((bk, D), jnp.float32), plgpu.Layout.WGMMA)
             dk, dv = compute((zero, zero))
-            out = _row_pieces(cfg, b, c0, bk, h, H)
-            out_smem.at[wg][...] = dk * scale
-            plgpu.commit_smem()
-            _store_rows(out_smem.at[wg], dk_ref, out)
-            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-            out_smem.at[wg][...] = dv
-            plgpu.commit_smem()
-            _store_rows(out_smem.at[wg], dv_ref, out)
+            bar = part_bar.at[wg] if part else None
+            _write_rows(dk * scale, out, dk_ref, out_smem.at[wg], k_smem.at[wg], bar)
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the staging buffer is free again
+            if part:
+                _load_rows(part[1], out_smem.at[wg], part_bar.at[wg], out)
+            _write_rows(dv, out, dv_ref, out_smem.at[wg], v_smem.at[wg], bar)
             plgpu.wait_smem_to_gmem(0)
 
     tr = _transforms(dtype)
@@ -415,7 +471,8 @@ def pass_dkv(q, k, v, do, lse2, delta, cfg: PassConfig):
                plgpu.SMEM((slots, bq), jnp.float32), plgpu.SMEM((slots, bq), jnp.float32),
                plgpu.SMEM((W, bk, D), jnp.float32),
                plgpu.Barrier(num_arrivals=2 * cfg.pieces(bk), num_barriers=W),
+               plgpu.Barrier(num_arrivals=cfg.pieces(bk), num_barriers=W),
                plgpu.Barrier(num_arrivals=2 * cfg.pieces(bq) + 2, num_barriers=slots),
                plgpu.Barrier(num_arrivals=W, num_barriers=slots)]
-    out_type = [jax.ShapeDtypeStruct(q.shape, jnp.float32)] * 2
-    return _launch(body, cfg, out_type, scratch, (H, T // (W * bk), B))(q, k, v, do, lse2, delta)
+    out_type = [jax.ShapeDtypeStruct(q.shape, out_dtype)] * 2
+    return _launch(body, cfg, out_type, scratch, (H, T // (W * bk), B))(*inputs)

@@ -21,7 +21,7 @@ from kernels.errors import UnsupportedInput
 from kernels.pallas_gpu import sparse_attention_gpu
 from kernels.pallas_gpu_kernels import PassConfig, pass_dkv, pass_dq, pass_forward
 from kernels.reference import reference_attention
-from kernels.schedule import DiagonalMask
+from kernels.schedule import DiagonalMask, merge_partials
 
 # "nan": scratch and accumulators start as NaN, so anything read before it is written shows up.
 INTERPRET = plgpu.InterpretGPUParams(uninitialized_memory="nan")
@@ -72,12 +72,19 @@ def test_forward_and_gradients_match_reference(case):
         assert _rel(g, r) < tol, (name, _rel(g, r))
 
 
-def test_single_pass_patterns_forward():
-    """local and strided alone (one pass each), bf16."""
-    q, k, v, _ = _inputs(11, 256, 1, 1, 64, jnp.bfloat16)
+def test_single_pass_patterns():
+    """local and strided alone (one pass each), bf16; local's gradients too (a single pass writes
+    them in bf16 straight from its kernels, with no earlier partial to add)."""
+    q, k, v, do = _inputs(11, 256, 1, 1, 64, jnp.bfloat16)
     for pattern in (patterns.local(40), patterns.strided(32)):
         out = sparse_attention_gpu(q, k, v, pattern, block_k=64, interpret=INTERPRET)
         assert _rel(out, reference_attention(q, k, v, pattern)) < 1e-2, pattern
+    pattern = patterns.local(40)
+    _, vjp = jax.vjp(lambda q, k, v: sparse_attention_gpu(q, k, v, pattern, block_k=64, interpret=INTERPRET), q, k, v)
+    f32 = [x.astype(jnp.float32) for x in (q, k, v)]
+    _, ref_vjp = jax.vjp(lambda q, k, v: reference_attention(q, k, v, pattern), *f32)
+    for name, g, r in zip(("dq", "dk", "dv"), vjp(do), ref_vjp(do.astype(jnp.float32))):
+        assert g.dtype == jnp.bfloat16 and _rel(g, r) < 1e-2, (name, _rel(g, r))
 
 
 def test_dense_kernels_have_no_races_within_a_cta():
@@ -142,6 +149,27 @@ def test_in_place_strided_pass_is_race_free_and_equals_the_transposed_one():
         for g, w in zip(got, want):
             np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(w, np.float32), err_msg=name)
 
+    # The epilogues that take an earlier pass's partial: gradients add it, the forward merges it.
+    part = [jax.random.normal(jax.random.key(6 + i), q.shape, jnp.float32) for i in range(3)]
+    dq = pass_dq(flat(q), flat(k), flat(v), flat(do), lse2, delta, in_place, partial=flat(part[0]))
+    assert not gpu_callbacks._races.races_found, "dq + partial"
+    dk, dv = pass_dkv(flat(q), flat(k), flat(v), flat(do), lse2, delta, in_place, partials=(flat(part[1]), flat(part[2])))
+    assert not gpu_callbacks._races.races_found, "dkv + partials"
+    alone = [runs["dq"](in_place, flat, natural)[0], *runs["dkv"](in_place, flat, natural)]
+    for g, a, pt in zip((dq, dk, dv), alone, part):
+        np.testing.assert_allclose(natural(g), a + pt, rtol=1e-6, atol=1e-6)
+    # Row statistics [B, H, T] stay in the pass's flat residue-major order (pallas_gpu transposes them).
+    lto = lambda x: to(x.swapaxes(1, 2)).swapaxes(1, 2)  # noqa: E731
+    lback = lambda x: back(x.swapaxes(1, 2)).swapaxes(1, 2)  # noqa: E731
+    o1 = part[0].astype(jnp.bfloat16)
+    lse1 = jax.random.normal(jax.random.key(9), (1, 1, t))
+    o, lse = pass_forward(flat(q), flat(k), flat(v), in_place, partial=(flat(o1), lto(lse1)))
+    assert not gpu_callbacks._races.races_found, "forward + partial"
+    o2, l2 = pass_forward(flat(q), flat(k), flat(v), in_place)
+    want_o, want_lse = merge_partials(o1.astype(jnp.float32), lse1.swapaxes(1, 2), natural(o2).astype(jnp.float32),
+                                      lback(l2).swapaxes(1, 2), xp=jnp)
+    assert _rel(natural(o), want_o) < 1e-2 and _rel(lback(lse), want_lse.swapaxes(1, 2)) < 1e-5
+
 
 def test_unsupported_inputs_raise():
     q = jnp.zeros((1, 256, 1, 64), jnp.float32)
@@ -166,10 +194,15 @@ def test_lowers_for_cuda_at_benchmark_shape(seq=2048):
     # the gradient runs the forward kernels (custom_vjp fwd) and the dq and dk/dv kernels of both passes
     text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(x, x, x).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("mosaic_gpu") >= 6
-    # The strided pass reads q, k, v, dO and writes o, dq, dk, dv in place: no XLA transpose of any
-    # [.., head_dim] array is left, only of the [B, H, T] row statistics.
-    transposes = [line for line in text.splitlines() if "stablehlo.transpose" in line]
+    # The strided pass reads q, k, v, dO and writes o, dq, dk, dv in place, merges the band pass's
+    # (o, lse) in its forward epilogue and adds the band pass's gradients in its backward ones: XLA
+    # transposes only the [B, H, T] row statistics and does no elementwise work on a [B, T, H, D]
+    # array (delta = rowsum(dO * o) is a dot).
+    lines = text.splitlines()
+    transposes = [line for line in lines if "stablehlo.transpose" in line]
     assert transposes and not [t for t in transposes if "x128xbf16>" in t or "x128xf32>" in t]
+    elementwise = ("stablehlo.add", "stablehlo.multiply", "stablehlo.divide", "stablehlo.exponential")
+    assert not [line for line in lines if line.strip().split(" = ")[-1].startswith(elementwise) and "x16x128x" in line]
 
 
 def test_strided_pass_runs_in_place_when_residues_tile_evenly():
