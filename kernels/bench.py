@@ -53,14 +53,14 @@ def _on_gpu():
     return jax.devices()[0].platform == "gpu"
 
 
-def _jax_alternative(name, pattern, seq, batch, heads, head_dim, dtype, interpret):
+def _jax_alternative(name, pattern, seq, batch, heads, head_dim, dtype, interpret, block_k=None):
     """(attention fn of q, k, v, pattern it computes) for a JAX alternative, or NotAvailable."""
     if name == "ours":
         impl = kernels.auto_impl()
         if impl == "reference" and not interpret:
             raise NotAvailable("no kernel for this platform; --interpret runs the TPU interpreter")
         impl = "pallas_tpu" if impl == "reference" else impl
-        return (lambda q, k, v: kernels.sparse_attention(q, k, v, pattern, impl=impl)), pattern
+        return (lambda q, k, v: kernels.sparse_attention(q, k, v, pattern, impl=impl, block_k=block_k)), pattern
     if name in ("cudnn_dense", "cudnn_band"):
         if not _on_gpu():
             raise NotAvailable("cuDNN needs a CUDA GPU")
@@ -84,8 +84,8 @@ def _jax_alternative(name, pattern, seq, batch, heads, head_dim, dtype, interpre
     raise ValueError(f"unknown impl {name!r}")
 
 
-def _bench_jax(name, pattern, seq, batch, heads, head_dim, dtype, repeats, warmup, interpret):
-    attn, computed = _jax_alternative(name, pattern, seq, batch, heads, head_dim, dtype, interpret)
+def _bench_jax(name, pattern, seq, batch, heads, head_dim, dtype, repeats, warmup, interpret, block_k=None):
+    attn, computed = _jax_alternative(name, pattern, seq, batch, heads, head_dim, dtype, interpret, block_k)
     keys = jax.random.split(jax.random.key(seq), 4)
     q, k, v, do = (jax.random.normal(kk, (batch, seq, heads, head_dim), dtype) for kk in keys)
     fwd = jax.jit(attn)
@@ -98,10 +98,12 @@ def _bench_jax(name, pattern, seq, batch, heads, head_dim, dtype, repeats, warmu
     return computed, _time(fwd, (q, k, v), repeats, warmup), _time(fwd_bwd, (q, k, v, do), repeats, warmup)
 
 
-def run_one(name, pattern, seq, batch, heads, head_dim, dtype, repeats, warmup, interpret):
-    """One row of the table as a dict; errors and unavailable alternatives become 'n/a (reason)'."""
-    row = dict(impl=name, seq=seq, batch=batch, heads=heads, head_dim=head_dim, dtype=str(jnp.dtype(dtype)),
-               pattern=str(pattern), device=jax.devices()[0].device_kind)
+def run_one(name, pattern, seq, batch, heads, head_dim, dtype, repeats, warmup, interpret, block_k=None):
+    """One row of the table as a dict; errors and unavailable alternatives become 'n/a (reason)'.
+    block_k: our kernel's key block (None: its default); the row's impl reads "ours:bk<N>"."""
+    label = f"{name}:bk{block_k}" if block_k else name
+    row = dict(impl=label, seq=seq, batch=batch, heads=heads, head_dim=head_dim, dtype=str(jnp.dtype(dtype)),
+               pattern=str(pattern), device=jax.devices()[0].device_kind, block_k=block_k)
     try:
         if name == "flex":
             from kernels.bench_flex import bench_flex
@@ -109,7 +111,7 @@ def run_one(name, pattern, seq, batch, heads, head_dim, dtype, repeats, warmup, 
             fwd_ms, fb_ms = bench_flex(pattern, seq, batch, heads, head_dim, str(jnp.dtype(dtype)), repeats, warmup)
         else:
             computed, fwd_ms, fb_ms = _bench_jax(name, pattern, seq, batch, heads, head_dim, dtype,
-                                                 repeats, warmup, interpret)
+                                                 repeats, warmup, interpret, block_k)
     except (NotAvailable, UnsupportedInput) as e:
         return dict(row, status=f"n/a ({e})")
     except Exception as e:  # OOM, compiler errors: report, keep benchmarking the rest
@@ -172,6 +174,8 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--interpret", action="store_true", help="time our TPU kernel in the CPU interpreter")
+    p.add_argument("--block-k", default="", help="comma-separated key blocks to time our kernel at, one row "
+                   "each (default: the kernel's own choice)")
     p.add_argument("--out", default=None, help="directory for bench.json and bench.png")
     return p.parse_args(argv)
 
@@ -183,13 +187,18 @@ def main(argv=None):
     unknown = set(impls) - set(ALL_IMPLS)
     if unknown:
         raise SystemExit(f"unknown --impls {sorted(unknown)}; choose from {ALL_IMPLS}")
+    try:
+        block_ks = [int(b) for b in args.block_k.split(",") if b.strip()] or [None]
+    except ValueError:
+        raise SystemExit(f"--block-k takes comma-separated integers, got {args.block_k!r}") from None
     rows = []
     for seq in (int(s) for s in args.seq.split(",")):
         batch = max(1, args.tokens // seq)
         for name in impls:
-            rows.append(run_one(name, pattern, seq, batch, args.heads, args.head_dim, jnp.dtype(args.dtype),
-                                args.repeats, args.warmup, args.interpret))
-            print(format_table(rows[-1:]).splitlines()[-1], flush=True)
+            for bk in (block_ks if name == "ours" else [None]):
+                rows.append(run_one(name, pattern, seq, batch, args.heads, args.head_dim, jnp.dtype(args.dtype),
+                                    args.repeats, args.warmup, args.interpret, bk))
+                print(format_table(rows[-1:]).splitlines()[-1], flush=True)
     print(f"\n{pattern}; FLOPs = pairs computed x 4 x head_dim x heads x batch (x{BWD_FACTOR} fwd+bwd); "
           f"density {pattern.density(int(args.seq.split(',')[-1])):.4f} at the longest seq\n")
     print(format_table(rows))

@@ -41,7 +41,7 @@ fi
 if want attn; then
 step "attention benchmark"
 python3 -m kernels.bench --pattern local_strided --window 256 --stride 256 --seq 2048,8192,32768 \
-    --tokens 32768 --heads 16 --head-dim 128 --out "$OUT/attn" 2>&1 | tee "$OUT/attn_bench.txt"
+    --tokens 32768 --heads 16 --head-dim 128 --block-k 64,128 --out "$OUT/attn" 2>&1 | tee "$OUT/attn_bench.txt"
 fi
 
 if want train; then

@@ -37,3 +37,13 @@ def test_flops_formula_counts_pattern_pairs():
     # share of causal pairs quoted in ANCHORS.md for T=2048
     assert abs(p.density(2048) - 0.238) < 5e-4
     assert bench.flops_forward(p, 2048, 16, 16, 128) == p.pairs(2048) * 4 * 128 * 16 * 16
+
+
+def test_block_k_sweep_gives_our_kernel_one_row_per_block(tmp_path):
+    rows = bench.main(["--pattern", "local_strided", "--window", "64", "--stride", "64", "--seq", "256",
+                       "--tokens", "256", "--heads", "1", "--head-dim", "128", "--dtype", "float32",
+                       "--impls", "ours,reference", "--block-k", "128,256", "--interpret",
+                       "--repeats", "1", "--warmup", "0"])
+    assert [(r["impl"], r["block_k"]) for r in rows] == [("ours:bk128", 128), ("ours:bk256", 256),
+                                                         ("reference", None)]
+    assert all(r["status"] == "ok" and r["fwd_ms"] > 0 for r in rows), [r["status"] for r in rows]
