@@ -34,6 +34,10 @@ from kernels.schedule import Pass, merge_partials, passes_for
 # sparse_attention(impl="auto") warns and uses the reference on GPUs (impl="pallas_gpu" always runs it).
 VERIFIED_ON_GPU = False
 
+# The strided pass reads and writes [B, T, H, D] in place where its residues tile evenly (`in_place`).
+# False runs it on XLA-transposed copies everywhere: the first version, kept to compare on a GPU.
+STRIDED_IN_PLACE = True
+
 SUPPORTED_KINDS = ("dense", "local", "strided", "local_strided")
 COMPILED_DTYPES = (jnp.bfloat16, jnp.float16)
 INTERPRET_DTYPES = COMPILED_DTYPES + (jnp.float32,)
@@ -91,7 +95,7 @@ def in_place(p: Pass, t: int, blocks) -> bool:
     """Whether the kernels read and write a residue-major pass in place (TMA copies of strided rows)
     rather than on transposed copies: residues of P = T/S rows, P a multiple of 8 (the swizzled
     tile's row group), and every block either inside one residue or made of whole residues."""
-    if not p.residue_major:
+    if not p.residue_major or not STRIDED_IN_PLACE:
         return False
     seg = t // p.stride
     return seg % 8 == 0 and all(seg % n == 0 or n % seg == 0 for n in blocks)

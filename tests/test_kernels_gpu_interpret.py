@@ -221,6 +221,25 @@ def test_strided_pass_runs_in_place_when_residues_tile_evenly():
     assert not strided_in_place(24576, 256, (64, 128))  # 96 rows: blocks would straddle residues
 
 
+def test_transposed_fallback_gives_the_in_place_result(monkeypatch):
+    """STRIDED_IN_PLACE=False (the first version, kept to compare on a GPU): same outputs and gradients."""
+    from kernels import pallas_gpu
+
+    pattern = patterns.local_strided(16, 16)
+    q, k, v, do = _inputs(21, 128, 2, 1, 64, jnp.float32)
+
+    def run():
+        out, vjp = jax.vjp(lambda q, k, v: sparse_attention_gpu(q, k, v, pattern, block_k=64, interpret=INTERPRET),
+                           q, k, v)
+        return [out, *vjp(do)]
+
+    fused = run()
+    monkeypatch.setattr(pallas_gpu, "STRIDED_IN_PLACE", False)
+    assert not pallas_gpu.in_place(pallas_gpu.passes_for(pattern, 128)[1], 128, (64, 64))
+    for name, a, b in zip(("out", "dq", "dk", "dv"), fused, run()):
+        assert _rel(a, b) < 1e-5, (name, _rel(a, b))
+
+
 def test_block_ranges_match_brute_force_schedules():
     """schedule.row_tile_range / col_tile_range (what the GPU kernel computes on scalars) against
     forward_schedule / transposed_schedule: every visited block inside the range, every block of the
