@@ -16,6 +16,8 @@ block_until_ready (torch: cuda synchronize). Alternatives the platform cannot ru
 from __future__ import annotations
 
 import argparse
+import contextlib
+import itertools
 import json
 import os
 import statistics
@@ -30,6 +32,8 @@ from kernels import patterns
 from kernels.errors import NotAvailable, UnsupportedInput
 
 ALL_IMPLS = ("ours", "cudnn_dense", "cudnn_band", "xla_mask", "reference", "flex")
+# Variants of our GPU kernel, by the kernels.pallas_gpu switches they set while timed.
+GPU_VARIANTS = {"default": {}, "no-pingpong": {"PINGPONG": False}, "transposed": {"STRIDED_IN_PLACE": False}}
 BWD_FACTOR = 3.5
 MAX_SCORES_BYTES = 16 * 2**30  # skip materialized-score baselines above this (they OOM or crawl)
 
@@ -98,20 +102,40 @@ def _bench_jax(name, pattern, seq, batch, heads, head_dim, dtype, repeats, warmu
     return computed, _time(fwd, (q, k, v), repeats, warmup), _time(fwd_bwd, (q, k, v, do), repeats, warmup)
 
 
-def run_one(name, pattern, seq, batch, heads, head_dim, dtype, repeats, warmup, interpret, block_k=None):
+@contextlib.contextmanager
+def _gpu_variant(variant: str):
+    """Set kernels.pallas_gpu's switches for one variant (GPU_VARIANTS), restoring them afterwards."""
+    if variant == "default":
+        yield
+        return
+    from kernels import pallas_gpu
+    saved = {k: getattr(pallas_gpu, k) for k in GPU_VARIANTS[variant]}
+    try:
+        for k, val in GPU_VARIANTS[variant].items():
+            setattr(pallas_gpu, k, val)
+        yield
+    finally:
+        for k, val in saved.items():
+            setattr(pallas_gpu, k, val)
+
+
+def run_one(name, pattern, seq, batch, heads, head_dim, dtype, repeats, warmup, interpret, block_k=None,
+            variant="default"):
     """One row of the table as a dict; errors and unavailable alternatives become 'n/a (reason)'.
-    block_k: our kernel's key block (None: its default); the row's impl reads "ours:bk<N>"."""
-    label = f"{name}:bk{block_k}" if block_k else name
+    block_k: our kernel's key block (None: its default); variant: a GPU_VARIANTS key. The row's impl
+    reads "ours:bk<N>:<variant>" for what is not the default."""
+    label = name + (f":bk{block_k}" if block_k else "") + (f":{variant}" if variant != "default" else "")
     row = dict(impl=label, seq=seq, batch=batch, heads=heads, head_dim=head_dim, dtype=str(jnp.dtype(dtype)),
-               pattern=str(pattern), device=jax.devices()[0].device_kind, block_k=block_k)
+               pattern=str(pattern), device=jax.devices()[0].device_kind, block_k=block_k, variant=variant)
     try:
         if name == "flex":
             from kernels.bench_flex import bench_flex
             computed = pattern
             fwd_ms, fb_ms = bench_flex(pattern, seq, batch, heads, head_dim, str(jnp.dtype(dtype)), repeats, warmup)
         else:
-            computed, fwd_ms, fb_ms = _bench_jax(name, pattern, seq, batch, heads, head_dim, dtype,
-                                                 repeats, warmup, interpret, block_k)
+            with _gpu_variant(variant):
+                computed, fwd_ms, fb_ms = _bench_jax(name, pattern, seq, batch, heads, head_dim, dtype,
+                                                     repeats, warmup, interpret, block_k)
     except (NotAvailable, UnsupportedInput) as e:
         return dict(row, status=f"n/a ({e})")
     except Exception as e:  # OOM, compiler errors: report, keep benchmarking the rest
@@ -123,13 +147,14 @@ def run_one(name, pattern, seq, batch, heads, head_dim, dtype, repeats, warmup, 
 
 
 def format_table(rows) -> str:
-    head = f"{'impl':<12} {'seq':>6} {'batch':>5} {'computes':<36} {'fwd ms':>9} {'TFLOP/s':>8} {'f+b ms':>9} {'TFLOP/s':>8}"
+    w = max([12] + [len(r["impl"]) for r in rows])  # variant labels ("ours:bk64:no-pingpong") are long
+    head = f"{'impl':<{w}} {'seq':>6} {'batch':>5} {'computes':<36} {'fwd ms':>9} {'TFLOP/s':>8} {'f+b ms':>9} {'TFLOP/s':>8}"
     lines = [head, "-" * len(head)]
     for r in rows:
         if r["status"] != "ok":
-            lines.append(f"{r['impl']:<12} {r['seq']:>6} {r['batch']:>5} {r['status']}")
+            lines.append(f"{r['impl']:<{w}} {r['seq']:>6} {r['batch']:>5} {r['status']}")
         else:
-            lines.append(f"{r['impl']:<12} {r['seq']:>6} {r['batch']:>5} {r['computed']:<36} {r['fwd_ms']:>9.3f} "
+            lines.append(f"{r['impl']:<{w}} {r['seq']:>6} {r['batch']:>5} {r['computed']:<36} {r['fwd_ms']:>9.3f} "
                          f"{r['fwd_tflops']:>8.3g} {r['fwd_bwd_ms']:>9.3f} {r['fwd_bwd_tflops']:>8.3g}")
     return "\n".join(lines)
 
@@ -176,6 +201,8 @@ def parse_args(argv=None):
     p.add_argument("--interpret", action="store_true", help="time our TPU kernel in the CPU interpreter")
     p.add_argument("--block-k", default="", help="comma-separated key blocks to time our kernel at, one row "
                    "each (default: the kernel's own choice)")
+    p.add_argument("--variants", default="default", help="comma-separated variants of our GPU kernel, one row "
+                   f"each: {', '.join(GPU_VARIANTS)}")
     p.add_argument("--out", default=None, help="directory for bench.json and bench.png")
     return p.parse_args(argv)
 
@@ -191,13 +218,17 @@ def main(argv=None):
         block_ks = [int(b) for b in args.block_k.split(",") if b.strip()] or [None]
     except ValueError:
         raise SystemExit(f"--block-k takes comma-separated integers, got {args.block_k!r}") from None
+    variants = [v for v in args.variants.split(",") if v]
+    if not variants or set(variants) - set(GPU_VARIANTS):
+        raise SystemExit(f"unknown --variants {args.variants!r}; choose from {', '.join(GPU_VARIANTS)}")
     rows = []
     for seq in (int(s) for s in args.seq.split(",")):
         batch = max(1, args.tokens // seq)
         for name in impls:
-            for bk in (block_ks if name == "ours" else [None]):
+            ours = name == "ours"
+            for bk, variant in itertools.product(block_ks if ours else [None], variants if ours else ["default"]):
                 rows.append(run_one(name, pattern, seq, batch, args.heads, args.head_dim, jnp.dtype(args.dtype),
-                                    args.repeats, args.warmup, args.interpret, bk))
+                                    args.repeats, args.warmup, args.interpret, bk, variant))
                 print(format_table(rows[-1:]).splitlines()[-1], flush=True)
     print(f"\n{pattern}; FLOPs = pairs computed x 4 x head_dim x heads x batch (x{BWD_FACTOR} fwd+bwd); "
           f"density {pattern.density(int(args.seq.split(',')[-1])):.4f} at the longest seq\n")

@@ -37,6 +37,9 @@ VERIFIED_ON_GPU = False
 # The strided pass reads and writes [B, T, H, D] in place where its residues tile evenly (`in_place`).
 # False runs it on XLA-transposed copies everywhere: the first version, kept to compare on a GPU.
 STRIDED_IN_PLACE = True
+# The forward's two compute warpgroups take turns on the tensor cores (FA3's ping-pong); False
+# lets them run free, to compare on a GPU.
+PINGPONG = True
 
 SUPPORTED_KINDS = ("dense", "local", "strided", "local_strided")
 COMPILED_DTYPES = (jnp.bfloat16, jnp.float16)
@@ -129,7 +132,8 @@ def _config(p: Pass, t, block_q, block_k, interpret, dkv=False):
     residues = p.stride if in_place(p, t, (block_q, block_k)) else 0
     if dkv:  # per-warpgroup key rows = 64 (wgmma M), streamed query blocks of block_k
         return K.PassConfig(p.mask, t, block_q=block_k, block_k=block_q, interpret=interpret, residues=residues)
-    return K.PassConfig(p.mask, t, block_q=block_q, block_k=block_k, interpret=interpret, residues=residues)
+    return K.PassConfig(p.mask, t, block_q=block_q, block_k=block_k, interpret=interpret, residues=residues,
+                        pingpong=PINGPONG)
 
 
 # ------------------------------------------------------------------------------------------ passes

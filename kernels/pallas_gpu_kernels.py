@@ -55,6 +55,9 @@ class PassConfig:
     # > 0: a residue-major pass read and written in place (see _row_pieces): the [B, T, H, D] arrays
     # arrive reshaped to [B, T/S, S*H, D] (a free reshape), and flat row r*P + p is position p*S + r.
     residues: int = 0
+    # Forward only: the two compute warpgroups take turns on the tensor cores (FA3's ping-pong, as
+    # jax's attention_mgpu does), so one's softmax overlaps the other's matmuls.
+    pingpong: bool = True
 
     def dims(self, x):
         """(batch, seq, heads, head_dim) of a [B, T, H, D] operand, however it arrived."""
@@ -76,10 +79,13 @@ def _transforms(dtype):
     return (plgpu.TilingTransform((8, 128 // jnp.dtype(dtype).itemsize)), plgpu.SwizzleTransform(128))
 
 
-def _mma(acc, a, b, interpret):
-    """acc + a @ b with wgmma (acc None: a fresh product). a: registers or SMEM, b: SMEM."""
+def _mma(acc, a, b, interpret, after_issue=None):
+    """acc + a @ b with wgmma (acc None: a fresh product). a: registers or SMEM, b: SMEM.
+    after_issue (fresh products from SMEM only): runs between issuing the wgmma and waiting for it."""
     def product(acc_ref):
         plgpu.wgmma(acc_ref, a, b)
+        if after_issue is not None:
+            after_issue()
         return acc_ref[...]
     shape = (a.shape[0], b.shape[1])
     in_regs = not hasattr(a, "transforms") and not hasattr(a, "ref")  # an array, not a (transformed) ref
@@ -118,10 +124,11 @@ def _cols(x, shape):
     return lax.broadcast_in_dim(x, shape, [1])
 
 
-def _stream(wg, cfg: PassConfig, ranges, issue, step, ready, consumed):
+def _stream(wg, cfg: PassConfig, ranges, issue, step, ready, consumed, skipped=None):
     """Run the memory warpgroup (issue(blk, slot) starts the TMA copies of block blk into ring slot)
     and, on each compute warpgroup, step(blk, slot, carry, masked) over its own range.
     ranges: per-warpgroup (lo, hi, full_lo, full_hi) of the calling warpgroup, and the CTA union.
+    skipped(): runs for each block of the union the warpgroup skips (to keep in step with the others).
     Returns compute(carry) -> final carry, for the caller to run on its compute warpgroups."""
     (lo, hi, f_lo, f_hi), (cta_lo, cta_hi) = ranges
     slots = cfg.slots
@@ -154,6 +161,8 @@ def _stream(wg, cfg: PassConfig, ranges, issue, step, ready, consumed):
                 # into the slot only through a proxy fence; on the GPU the mbarrier release suffices
                 # for this write-after-read (as in CUTLASS's TMA pipelines), so compiled code skips it.
                 plgpu.commit_smem()
+        elif skipped is not None:
+            skipped()
         plgpu.barrier_arrive(consumed.at[slot])
         return carry
 
@@ -263,8 +272,9 @@ def pass_forward(q, k, v, cfg: PassConfig, partial=None):
     inputs = (q, k, v) + tuple(partial or ())
 
     def body(*refs):
-        (q_ref, k_ref, v_ref, *part, o_ref, lse_ref, q_smem, k_smem, v_smem, lse_smem, part_smem, part_lse_smem,
-         q_bar, part_bar, ready, consumed) = refs
+        q_ref, k_ref, v_ref, *part = refs[:len(inputs)]
+        (o_ref, lse_ref, q_smem, k_smem, v_smem, lse_smem, part_smem, part_lse_smem,
+         q_bar, part_bar, ready, consumed, *turn) = refs[len(inputs):]
         b, h, tile, wg = _program()
         kvh = lax.div(h, group)
         r0 = tile * (W * bq) + wg * bq
@@ -272,9 +282,21 @@ def pass_forward(q, k, v, cfg: PassConfig, partial=None):
 
         issue = _kv_issue(cfg, k_ref, v_ref, k_smem, v_smem, ready, b, kvh, Hk)
 
+        # Ping-pong: every block costs each compute warpgroup two rounds on the `turn` barrier (one
+        # while its S = QK^T runs, one after its softmax), skipped blocks included, and warpgroup 1
+        # starts one round late, so the two alternate between matmuls and softmax. The leader is
+        # then at most one block ahead, so it never waits for a ring slot that only the other one's
+        # release can free: that needs 2 slots (with 1 the two would wait for each other).
+        pingpong = bool(turn)
+
+        def take_turn():
+            plgpu.barrier_arrive(turn[0])
+            plgpu.barrier_wait(turn[0])
+
         def step(blk, slot, carry, masked):
             acc, m, l = carry
-            s = _mma(None, q_smem.at[wg], k_smem.at[slot].T, cfg.interpret) * scale2
+            s = _mma(None, q_smem.at[wg], k_smem.at[slot].T, cfg.interpret,
+                     after_issue=take_turn if pingpong else None) * scale2
             if masked:
                 s = jnp.where(_visible(cfg.mask, T, r0, blk * bk, s.shape), s, -jnp.inf)
             m_new = jnp.maximum(m, s.max(axis=1))
@@ -282,13 +304,16 @@ def pass_forward(q, k, v, cfg: PassConfig, partial=None):
             p = jnp.exp2(s - _rows(m_use, s.shape))
             alpha = jnp.exp2(m - m_use)
             l = l * alpha + p.sum(axis=1)
+            if pingpong:
+                take_turn()
             acc = _mma(acc * _rows(alpha, acc.shape), p.astype(dtype), v_smem.at[slot], cfg.interpret)
             return acc, m_new, l
 
         acc0 = plgpu.layout_cast(jnp.zeros((bq, D), jnp.float32), plgpu.Layout.WGMMA)
         m0 = plgpu.layout_cast(jnp.full((bq,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
         l0 = plgpu.layout_cast(jnp.zeros((bq,), jnp.float32), plgpu.Layout.WGMMA.reduce(1))
-        compute = _stream(wg, cfg, ranges, issue, step, ready, consumed)
+        compute = _stream(wg, cfg, ranges, issue, step, ready, consumed,
+                          skipped=(lambda: (take_turn(), take_turn())) if pingpong else None)
 
         @pl.when(wg < W)
         def _compute():
@@ -298,7 +323,11 @@ def pass_forward(q, k, v, cfg: PassConfig, partial=None):
                 _load_rows(part[0], part_smem.at[wg], part_bar.at[wg], rows)
                 plgpu.copy_gmem_to_smem(part[1].at[b, h, pl.ds(r0, bq)], part_lse_smem.at[wg], part_bar.at[wg])
             plgpu.barrier_wait(q_bar.at[wg])
+            if pingpong:
+                pl.when(wg == 1)(take_turn)
             acc, m, l = compute((acc0, m0, l0))
+            if pingpong:
+                pl.when(wg == 0)(take_turn)
             if part:
                 # o = (w1 o1 + acc 2^(m - m*)) / (w1 + l 2^(m - m*)), w1 = 2^(lse1 - m*), in log2 units
                 # with m* the larger of lse1 and this pass's log2 sum; rows empty in both give 0, -inf.
@@ -333,6 +362,8 @@ def pass_forward(q, k, v, cfg: PassConfig, partial=None):
                plgpu.Barrier(num_arrivals=cfg.pieces(bq) + 1, num_barriers=W),
                plgpu.Barrier(num_arrivals=2 * cfg.pieces(bk), num_barriers=slots),
                plgpu.Barrier(num_arrivals=W, num_barriers=slots)]
+    if cfg.pingpong and W == 2 and slots >= 2:
+        scratch.append(plgpu.Barrier(num_arrivals=W))  # `turn`
     out_type = [jax.ShapeDtypeStruct(q.shape, dtype), jax.ShapeDtypeStruct((B, H, T), jnp.float32)]
     return _launch(body, cfg, out_type, scratch, (H, T // (W * bq), B))(*inputs)
 

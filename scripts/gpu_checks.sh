@@ -9,14 +9,15 @@
 # and copy the nanoGPT data beside them (../shared does not travel; the copy is ignored, never committed):
 #   echo /.data/ >> .git/info/exclude; mkdir -p .data; cp ../shared/data/tinyshakespeare.txt .data/
 # then run it with carry=[".whl", ".data"]:  bash scripts/gpu_checks.sh [PART ...]
-# PARTs: tests attn train gen shakespeare (default: all of them, in that order; "quick" = all but
-# shakespeare). The device tool stops a command at 10 minutes: if the whole list does not fit, split
+# PARTs: tests attn variants train gen shakespeare (default: all of them, in that order; "quick" =
+# all but shakespeare). The device tool stops a command at 10 minutes: if the whole list does not fit, split
 # it over two calls, e.g. "tests attn" then "train gen shakespeare".
 set -uo pipefail
-PARTS="${*:-tests attn train gen shakespeare}"
-[ "$PARTS" = quick ] && PARTS="tests attn train gen"
+PARTS="${*:-tests attn variants train gen shakespeare}"
+[ "$PARTS" = quick ] && PARTS="tests attn variants train gen"
 for p in $PARTS; do
-  case $p in tests|attn|train|gen|shakespeare) ;; *) echo "error: unknown part '$p' (tests attn train gen shakespeare quick)" >&2; exit 2;; esac
+  case $p in tests|attn|variants|train|gen|shakespeare) ;;
+    *) echo "error: unknown part '$p' (tests attn variants train gen shakespeare quick)" >&2; exit 2;; esac
 done
 OUT="${OUT:-$PWD/gpu_out}"; mkdir -p "$OUT"
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -42,6 +43,13 @@ if want attn; then
 step "attention benchmark"
 python3 -m kernels.bench --pattern local_strided --window 256 --stride 256 --seq 2048,8192,32768 \
     --tokens 32768 --heads 16 --head-dim 128 --block-k 64,128 --out "$OUT/attn" 2>&1 | tee "$OUT/attn_bench.txt"
+fi
+
+if want variants; then
+step "our kernel's variants (ping-pong off, transposed strided pass)"
+python3 -m kernels.bench --pattern local_strided --window 256 --stride 256 --seq 2048,32768 \
+    --tokens 32768 --heads 16 --head-dim 128 --impls ours --variants default,no-pingpong,transposed \
+    --out "$OUT/attn_variants" 2>&1 | tee "$OUT/attn_variants.txt"
 fi
 
 if want train; then

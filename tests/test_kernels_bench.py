@@ -47,3 +47,16 @@ def test_block_k_sweep_gives_our_kernel_one_row_per_block(tmp_path):
     assert [(r["impl"], r["block_k"]) for r in rows] == [("ours:bk128", 128), ("ours:bk256", 256),
                                                          ("reference", None)]
     assert all(r["status"] == "ok" and r["fwd_ms"] > 0 for r in rows), [r["status"] for r in rows]
+
+
+def test_variants_set_the_kernel_switches_only_while_timed(monkeypatch):
+    from kernels import pallas_gpu
+
+    seen = []
+    monkeypatch.setattr(bench, "_bench_jax", lambda *a: seen.append((pallas_gpu.PINGPONG, pallas_gpu.STRIDED_IN_PLACE))
+                        or (patterns.dense(), 1.0, 2.0))
+    rows = bench.main(["--seq", "128", "--tokens", "128", "--heads", "1", "--head-dim", "64", "--impls", "ours",
+                       "--variants", "default,no-pingpong,transposed"])
+    assert [r["impl"] for r in rows] == ["ours", "ours:no-pingpong", "ours:transposed"]
+    assert seen == [(True, True), (False, True), (True, False)]
+    assert (pallas_gpu.PINGPONG, pallas_gpu.STRIDED_IN_PLACE) == (True, True)  # restored

@@ -111,6 +111,11 @@ def test_dense_kernels_have_no_races_within_a_cta():
     assert race_free(dq), "dq"
     dk, dv = pass_dkv(q, k, v, do, lse2, delta, cfg)
     assert race_free((dk, dv)), "dkv"
+    # The forward's ping-pong (two compute warpgroups taking turns) needs a 2-slot ring: check it too.
+    pp = PassConfig(DiagonalMask(128), 128, block_q=64, block_k=64, slots=2, interpret=params)
+    o_pp, lse_pp = pass_forward(q, k, v, pp)
+    assert race_free((o_pp, lse_pp)), "forward, ping-pong"
+    np.testing.assert_array_equal(np.asarray(o_pp, np.float32), np.asarray(o, np.float32))
     f32 = [x.astype(jnp.float32) for x in (q, k, v)]  # dense is one pass: these are the full gradients
     _, ref_vjp = jax.vjp(lambda q, k, v: reference_attention(q, k, v, patterns.dense()), *f32)
     for name, g, r in zip(("dq", "dk", "dv"), (dq, dk, dv), ref_vjp(do.astype(jnp.float32))):
