@@ -138,29 +138,27 @@ def _config(p: Pass, t, block_q, block_k, interpret, dkv=False):
 
 # ------------------------------------------------------------------------------------------ passes
 
+def _chained(passes, t: int, blocks) -> bool:
+    """Whether every pass reads [B, T, H, D] in place, so each can take the earlier passes' partial
+    results (o and lse forward, f32 gradients backward) into its kernels' epilogues."""
+    return all(not p.residue_major or in_place(p, t, blocks) for p in passes)
+
+
 def _forward(q, k, v, pattern, block_q, block_k, interpret):
     """o [B, T, H, D] in q.dtype, lse [B, H, T] f32."""
     t = q.shape[1]
     blocks = (block_q, block_k)
     passes = passes_for(pattern, t)
-    if all(not p.residue_major or in_place(p, t, blocks) for p in passes):
-        # Each pass merges the earlier passes' (o, lse) in its epilogue: no XLA merge.
-        o = lse = None
-        for p in passes:
-            to, back = _seq_layout(p, t, blocks)
-            lto, lback = _lse_layout(p)
-            partial = None if o is None else (to(o), lto(lse))
-            o, lse = _kernels().pass_forward(to(q), to(k), to(v), _config(p, t, block_q, block_k, interpret), partial)
-            o, lse = back(o), lback(lse)
-        return o, lse
+    chained = _chained(passes, t, blocks)  # else the passes' (o, lse) merge in XLA at the end
     partials = []
     for p in passes:
         to, back = _seq_layout(p, t, blocks)
-        _, lback = _lse_layout(p)
-        o, lse = _kernels().pass_forward(to(q), to(k), to(v), _config(p, t, block_q, block_k, interpret))
+        lto, lback = _lse_layout(p)
+        earlier = (to(partials[-1][0]), lto(partials[-1][1])) if chained and partials else None
+        o, lse = _kernels().pass_forward(to(q), to(k), to(v), _config(p, t, block_q, block_k, interpret), earlier)
         partials.append((back(o), lback(lse)))
-    if len(partials) == 1:
-        return partials[0]
+    if chained or len(partials) == 1:
+        return partials[-1]
     (o1, l1), (o2, l2) = partials
     o, lse = merge_partials(o1.astype(jnp.float32), l1.swapaxes(1, 2), o2.astype(jnp.float32),
                             l2.swapaxes(1, 2), xp=jnp)
@@ -176,10 +174,10 @@ def _backward(q, k, v, o, lse, do, pattern, block_q, block_k, interpret):
     block_k = BWD_BLOCK  # f32 dq/dk/dv staging + resident q/dO (or k/v) leave room for a 64-row ring only
     blocks = (block_q, block_k)
     passes = passes_for(pattern, t)
-    # When every pass reads [B, T, H, D] in place, each pass's kernels add the earlier passes' f32
-    # gradients in their epilogue and the last pass writes the input dtype: no XLA sum or cast
-    # (GQA's dk/dv stay f32 for the sum over the group). Otherwise the passes' f32 outputs add in XLA.
-    chained = all(not p.residue_major or in_place(p, t, blocks) for p in passes)
+    # Chained, each pass's kernels add the earlier passes' f32 gradients in their epilogue and the
+    # last pass writes the input dtype: no XLA sum or cast (GQA's dk/dv stay f32 for the sum over
+    # the group). Otherwise the passes' f32 outputs add in XLA.
+    chained = _chained(passes, t, blocks)
     dq = dk = dv = None
     for i, p in enumerate(passes):
         to, back = _seq_layout(p, t, blocks)
