@@ -177,18 +177,17 @@ def score_completion(lm, tokenizer, task: Task, k: int, seed: int, *, samples: i
 def evaluate_task(lm, tokenizer, task: Task, shots: list[int], seed: int, norm: str = "token") -> list[dict]:
     for k in shots:  # every K checked before any work
         choose_shots(task, k, 0, seed)
+    cased = task.kind == "completion" and any(ex["answer"].upper() != ex["answer"].lower() for ex in task.examples)
     rows = []
     for k in shots:
         if task.kind == "mc":
-            r = score_multiple_choice(lm, tokenizer, task, k, seed, norm)
-        else:
-            r = score_completion(lm, tokenizer, task, k, seed, samples=3)
-            nocase = r.pop("acc_nocase")
-            rows.append({"task": task.name, "shots": k, **r})
-            if any(ex["answer"].upper() != ex["answer"].lower() for ex in task.examples):  # has cased letters
-                rows.append({"task": task.name, "shots": k, "metric": "acc_nocase", "value": nocase, "n": r["n"]})
+            rows.append({"task": task.name, "shots": k, **score_multiple_choice(lm, tokenizer, task, k, seed, norm)})
             continue
+        r = score_completion(lm, tokenizer, task, k, seed, samples=3)
+        nocase = r.pop("acc_nocase")
         rows.append({"task": task.name, "shots": k, **r})
+        if cased:  # answers with letters: also the match that ignores case
+            rows.append({"task": task.name, "shots": k, "metric": "acc_nocase", "value": nocase, "n": r["n"]})
     return rows
 
 

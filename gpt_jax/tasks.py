@@ -193,8 +193,8 @@ def scramble_documents(n_docs: int = 20000, seed: int = 4321, kinds: tuple[str, 
         kind = kinds[int(rng.integers(len(kinds)))]
         k = int(rng.integers(1, max_examples + 1))
         # One draw only when there is a choice, so the single-style stream stays what it was.
-        style = ANSWER_STYLES[answer_styles[int(rng.integers(len(answer_styles)))] if len(answer_styles) > 1
-                              else answer_styles[0]]
+        name = answer_styles[int(rng.integers(len(answer_styles)))] if len(answer_styles) > 1 else answer_styles[0]
+        style = ANSWER_STYLES[name]
         lines = [f"{scramble(kind, words[i], rng)} = {style(words[i])}{DEFAULT_SEPARATOR}"
                  for i in rng.integers(len(words), size=k).tolist()]
         docs.append(SCRAMBLE_DESCRIPTION + "\n" + "".join(lines))

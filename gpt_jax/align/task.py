@@ -12,9 +12,10 @@ prompt and the response (so any response, from any model, can be judged):
 The generator writes SFT demonstrations, prompts to rank, PPO prompts and held-out evaluation
 prompts. `task.demo_noise` > 0 makes a share of the demonstrations careless, as human ones are: the
 right answer wrapped in filler ("A: 85", "so cold", "1 9 4 ok"), which every scorer rates 0 because
-it asks for the bare answer. SFT imitates the filler; rankings can teach the model to drop it. Arithmetic and reverse prompts are split by a hash of their text: evaluation prompts never
-appear in any training file. The one-word family has a closed vocabulary, so its evaluation prompts
-are drawn from the same list (the skill there is the format and the recall).
+it asks for the bare answer. SFT imitates the filler; rankings can teach the model to drop it.
+Arithmetic and reverse prompts are split by a hash of their text: evaluation prompts never appear
+in any training file. The one-word family has a closed vocabulary, so its evaluation prompts are
+drawn from the same list (the skill there is the format and the recall).
 """
 
 from __future__ import annotations
