@@ -273,8 +273,10 @@ def pass_forward(q, k, v, cfg: PassConfig, partial=None):
 
     def body(*refs):
         q_ref, k_ref, v_ref, *part = refs[:len(inputs)]
-        (o_ref, lse_ref, q_smem, k_smem, v_smem, lse_smem, part_smem, part_lse_smem,
-         q_bar, part_bar, ready, consumed, *turn) = refs[len(inputs):]
+        (o_ref, lse_ref, q_smem, k_smem, v_smem, lse_smem, q_bar, ready, consumed,
+         *optional) = refs[len(inputs):]
+        part_smem, part_lse_smem, part_bar = optional[:3] if part else (None, None, None)
+        turn = optional[3 if part else 0:]  # the ping-pong barrier, when there is one
         b, h, tile, wg = _program()
         kvh = lax.div(h, group)
         r0 = tile * (W * bq) + wg * bq
@@ -351,17 +353,16 @@ def pass_forward(q, k, v, cfg: PassConfig, partial=None):
             plgpu.wait_smem_to_gmem(0)
 
     tr = _transforms(dtype)
-    merged = (W if partial else 1, bq)  # the partial's buffers: a token size when there is none
     scratch = [plgpu.SMEM((W, bq, D), dtype, transforms=tr),
                plgpu.SMEM((slots, bk, D), dtype, transforms=tr),
                plgpu.SMEM((slots, bk, D), dtype, transforms=tr),
                plgpu.SMEM((W, bq), jnp.float32),
-               plgpu.SMEM((*merged, D if partial else 64), dtype, transforms=tr),
-               plgpu.SMEM(merged, jnp.float32),
                plgpu.Barrier(num_arrivals=cfg.pieces(bq), num_barriers=W),
-               plgpu.Barrier(num_arrivals=cfg.pieces(bq) + 1, num_barriers=W),
                plgpu.Barrier(num_arrivals=2 * cfg.pieces(bk), num_barriers=slots),
                plgpu.Barrier(num_arrivals=W, num_barriers=slots)]
+    if partial:  # the earlier pass's o and lse rows, and the barrier they arrive on
+        scratch += [plgpu.SMEM((W, bq, D), dtype, transforms=tr), plgpu.SMEM((W, bq), jnp.float32),
+                    plgpu.Barrier(num_arrivals=cfg.pieces(bq) + 1, num_barriers=W)]
     if cfg.pingpong and W == 2 and slots >= 2:
         scratch.append(plgpu.Barrier(num_arrivals=W))  # `turn`
     out_type = [jax.ShapeDtypeStruct(q.shape, dtype), jax.ShapeDtypeStruct((B, H, T), jnp.float32)]
