@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import itertools
 import json
 import os
@@ -33,7 +34,10 @@ from kernels.errors import NotAvailable, UnsupportedInput
 
 ALL_IMPLS = ("ours", "cudnn_dense", "cudnn_band", "xla_mask", "reference", "flex")
 # Variants of our GPU kernel, by the kernels.pallas_gpu switches they set while timed.
-GPU_VARIANTS = {"default": {}, "no-pingpong": {"PINGPONG": False}, "transposed": {"STRIDED_IN_PLACE": False}}
+# Switches of our kernels per variant, as {module: {name: value}}: ping-pong off (GPU forward), and the
+# strided pass on XLA-transposed copies instead of in place (both backends).
+VARIANTS = {"default": {}, "no-pingpong": {"pallas_gpu": {"PINGPONG": False}},
+            "transposed": {"pallas_gpu": {"STRIDED_IN_PLACE": False}, "pallas_tpu_layout": {"IN_PLACE": False}}}
 BWD_FACTOR = 3.5
 MAX_SCORES_BYTES = 16 * 2**30  # skip materialized-score baselines above this (they OOM or crawl)
 
@@ -103,26 +107,28 @@ def _bench_jax(name, pattern, seq, batch, heads, head_dim, dtype, repeats, warmu
 
 
 @contextlib.contextmanager
-def _gpu_variant(variant: str):
-    """Set kernels.pallas_gpu's switches for one variant (GPU_VARIANTS), restoring them afterwards."""
-    if variant == "default":
-        yield
-        return
-    from kernels import pallas_gpu
-    saved = {k: getattr(pallas_gpu, k) for k in GPU_VARIANTS[variant]}
+def _variant(variant: str):
+    """Set our kernels' switches for one variant (VARIANTS), restoring them afterwards."""
+    saved = []
     try:
-        for k, val in GPU_VARIANTS[variant].items():
-            setattr(pallas_gpu, k, val)
+        for module_name, switches in VARIANTS[variant].items():
+            try:
+                module = importlib.import_module(f"kernels.{module_name}")
+            except ImportError:  # the other backend's kernel, not in use on this platform
+                continue
+            for name, value in switches.items():
+                saved.append((module, name, getattr(module, name)))
+                setattr(module, name, value)
         yield
     finally:
-        for k, val in saved.items():
-            setattr(pallas_gpu, k, val)
+        for module, name, value in reversed(saved):
+            setattr(module, name, value)
 
 
 def run_one(name, pattern, seq, batch, heads, head_dim, dtype, repeats, warmup, interpret, block_k=None,
             variant="default"):
     """One row of the table as a dict; errors and unavailable alternatives become 'n/a (reason)'.
-    block_k: our kernel's key block (None: its default); variant: a GPU_VARIANTS key. The row's impl
+    block_k: our kernel's key block (None: its default); variant: a VARIANTS key. The row's impl
     reads "ours:bk<N>:<variant>" for what is not the default."""
     label = name + (f":bk{block_k}" if block_k else "") + (f":{variant}" if variant != "default" else "")
     row = dict(impl=label, seq=seq, batch=batch, heads=heads, head_dim=head_dim, dtype=str(jnp.dtype(dtype)),
@@ -133,7 +139,7 @@ def run_one(name, pattern, seq, batch, heads, head_dim, dtype, repeats, warmup, 
             computed = pattern
             fwd_ms, fb_ms = bench_flex(pattern, seq, batch, heads, head_dim, str(jnp.dtype(dtype)), repeats, warmup)
         else:
-            with _gpu_variant(variant):
+            with _variant(variant):
                 computed, fwd_ms, fb_ms = _bench_jax(name, pattern, seq, batch, heads, head_dim, dtype,
                                                      repeats, warmup, interpret, block_k)
     except (NotAvailable, UnsupportedInput) as e:
@@ -201,8 +207,8 @@ def parse_args(argv=None):
     p.add_argument("--interpret", action="store_true", help="time our TPU kernel in the CPU interpreter")
     p.add_argument("--block-k", default="", help="comma-separated key blocks to time our kernel at, one row "
                    "each (default: the kernel's own choice)")
-    p.add_argument("--variants", default="default", help="comma-separated variants of our GPU kernel, one row "
-                   f"each: {', '.join(GPU_VARIANTS)}")
+    p.add_argument("--variants", default="default", help="comma-separated variants of our kernel, one row "
+                   f"each: {', '.join(VARIANTS)}")
     p.add_argument("--out", default=None, help="directory for bench.json and bench.png")
     return p.parse_args(argv)
 
@@ -219,8 +225,8 @@ def main(argv=None):
     except ValueError:
         raise SystemExit(f"--block-k takes comma-separated integers, got {args.block_k!r}") from None
     variants = [v for v in args.variants.split(",") if v]
-    if not variants or set(variants) - set(GPU_VARIANTS):
-        raise SystemExit(f"unknown --variants {args.variants!r}; choose from {', '.join(GPU_VARIANTS)}")
+    if not variants or set(variants) - set(VARIANTS):
+        raise SystemExit(f"unknown --variants {args.variants!r}; choose from {', '.join(VARIANTS)}")
     rows = []
     for seq in (int(s) for s in args.seq.split(",")):
         batch = max(1, args.tokens // seq)

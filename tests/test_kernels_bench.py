@@ -50,13 +50,13 @@ def test_block_k_sweep_gives_our_kernel_one_row_per_block(tmp_path):
 
 
 def test_variants_set_the_kernel_switches_only_while_timed(monkeypatch):
-    from kernels import pallas_gpu
+    from kernels import pallas_gpu, pallas_tpu_layout
 
+    switches = lambda: (pallas_gpu.PINGPONG, pallas_gpu.STRIDED_IN_PLACE, pallas_tpu_layout.IN_PLACE)
     seen = []
-    monkeypatch.setattr(bench, "_bench_jax", lambda *a: seen.append((pallas_gpu.PINGPONG, pallas_gpu.STRIDED_IN_PLACE))
-                        or (patterns.dense(), 1.0, 2.0))
+    monkeypatch.setattr(bench, "_bench_jax", lambda *a: seen.append(switches()) or (patterns.dense(), 1.0, 2.0))
     rows = bench.main(["--seq", "128", "--tokens", "128", "--heads", "1", "--head-dim", "64", "--impls", "ours",
                        "--variants", "default,no-pingpong,transposed"])
     assert [r["impl"] for r in rows] == ["ours", "ours:no-pingpong", "ours:transposed"]
-    assert seen == [(True, True), (False, True), (True, False)]
-    assert (pallas_gpu.PINGPONG, pallas_gpu.STRIDED_IN_PLACE) == (True, True)  # restored
+    assert seen == [(True, True, True), (False, True, True), (True, False, False)]
+    assert switches() == (True, True, True)  # restored

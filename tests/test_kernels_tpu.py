@@ -16,7 +16,9 @@ from jax.experimental.pallas import tpu as pltpu
 import kernels
 from kernels import patterns
 from kernels.errors import UnsupportedInput
-from kernels.pallas_tpu import _pass_forward, _to_residue_major, sparse_attention_tpu
+from kernels.pallas_tpu import sparse_attention_tpu
+from kernels.pallas_tpu_kernels import pass_forward
+from kernels.pallas_tpu_layout import TileLayout
 from kernels.reference import reference_attention
 from kernels.schedule import passes_for
 
@@ -47,6 +49,10 @@ CASES = [
     (patterns.dense(), 1, 64, 2, 1, 32, 16, 16, "dense causal, GQA"),
     (patterns.local(20), 1, 128, 2, 2, 32, 32, 16, "band only"),
     (patterns.strided(16), 1, 128, 2, 2, 32, 32, 32, "strided only"),
+    # head_dim 128: both passes read and write [B, T, H, D] in place (one lane block per head)
+    (patterns.local_strided(16, 8), 1, 256, 2, 1, 128, 32, 32, "in place: one tile per residue, GQA"),
+    (patterns.local_strided(8, 4), 2, 256, 2, 2, 128, 32, 16, "in place: several tiles per residue"),
+    (patterns.strided(8), 1, 128, 2, 2, 128, 16, 16, "in place: strided only"),
 ]
 
 
@@ -92,13 +98,13 @@ def test_strided_pass_rows_without_keys_get_zero_and_minus_inf():
     pattern, t, s = patterns.local_strided(8, 8), 64, 8
     (_, strided_pass) = passes_for(pattern, t)
     q, k, v, _ = _inputs(3, 1, t, 1, 1, 32, jnp.float32)
-    to = lambda x: _to_residue_major(x.transpose(0, 2, 1, 3), s)
-    o, lse = _pass_forward(to(q), to(k), to(v), strided_pass.mask, block_q=16, block_k=16,
-                           out_dtype=jnp.float32, interpret=INTERPRET)
-    p = np.arange(t) % (t // s)  # row index within its residue
-    lse = np.asarray(lse)[0, 0, :, 0]
-    assert np.isneginf(lse[p == 0]).all() and np.isfinite(lse[p > 0]).all()
-    assert (np.asarray(o)[0, 0][p == 0] == 0).all()
+    lay = TileLayout.choose(t, s, 32, (16, 16))
+    o, lse = pass_forward(lay.to(q), lay.to(k), lay.to(v), strided_pass.mask, lay, batch=1, heads=1, kv_heads=1,
+                          block_q=16, block_k=16, out_dtype=jnp.float32, interpret=INTERPRET)
+    o, lse = np.asarray(lay.back(o, 1))[0, :, 0], np.asarray(lay.rows_back(lse))[0, 0]
+    first_row = np.arange(t) < s  # natural positions 0..S-1 are p = 0 of their residue
+    assert np.isneginf(lse[first_row]).all() and np.isfinite(lse[~first_row]).all()
+    assert (o[first_row] == 0).all()
 
 
 def test_unsupported_inputs_raise_value_error_and_auto_falls_back(monkeypatch):
@@ -129,3 +135,57 @@ def test_unsupported_inputs_raise_value_error_and_auto_falls_back(monkeypatch):
 
 def test_auto_is_reference_on_cpu():
     assert kernels.auto_impl() == "reference"
+
+
+def test_in_place_where_tiles_are_legal_blocks():
+    """Mosaic's (8, 128) rule: a (rows, D) block of the [B, T/S, S*H*D] view needs D % 128 == 0, and a
+    tile must lie inside one residue of T/S rows; otherwise the pass takes transposed copies."""
+    assert TileLayout.choose(32768, 256, 128, (128, 128)).in_place       # 128 rows per residue
+    assert TileLayout.choose(8192, 1, 128, (256, 256)).in_place          # band pass, natural order
+    assert not TileLayout.choose(2048, 256, 128, (128, 128)).in_place    # 8 rows: packed residues
+    assert not TileLayout.choose(8192, 1, 64, (256, 256)).in_place       # 64 lanes: not a legal block
+    assert not TileLayout.choose(24576, 256, 128, (128, 128)).in_place   # 96 rows: tiles would straddle
+
+
+def test_layouts_hold_the_same_tiles():
+    """Tile t of head h in the in-place layout is the same (rows, D) block as in the transposed one,
+    and both layouts (and the row statistics) go back to the natural order exactly."""
+    t, s, h, d, rows = 64, 4, 3, 128, 8
+    x = jax.random.normal(jax.random.key(11), (2, t, h, d))
+    in_place, copied = TileLayout(t, s, d, True), TileLayout(t, s, d, False)
+    a, c = in_place.to(x), copied.to(x)
+    per_residue = (t // s) // rows
+    for tile in range(t // rows):
+        for head in range(h):
+            r, p0 = divmod(tile, per_residue)
+            block = a[:, p0 * rows:(p0 + 1) * rows, (r * h + head) * d:(r * h + head + 1) * d]
+            np.testing.assert_array_equal(block, c[:, head, tile * rows:(tile + 1) * rows])
+    np.testing.assert_array_equal(in_place.back(a, h), x)
+    np.testing.assert_array_equal(copied.back(c, h), x)
+    stats = x[..., 0].transpose(0, 2, 1)  # [B, H, T]
+    np.testing.assert_array_equal(copied.rows_back(copied.rows_to(stats)), stats)
+    np.testing.assert_array_equal(copied.rows_to(stats)[..., 0], c[..., 0])
+
+
+def test_in_place_and_transposed_give_the_same_result(monkeypatch):
+    from kernels import pallas_tpu_layout
+
+    pattern = patterns.local_strided(16, 8)
+    q, k, v, do = _inputs(12, 1, 256, 2, 2, 128, jnp.float32)
+
+    def run():
+        out, vjp = jax.vjp(lambda q, k, v: sparse_attention_tpu(q, k, v, pattern, block_q=32, block_k=32,
+                                                                interpret=INTERPRET), q, k, v)
+        return [out, *vjp(do)]
+
+    chosen = []
+    choose = TileLayout.choose.__func__
+    monkeypatch.setattr(TileLayout, "choose", classmethod(lambda cls, *a: chosen.append(choose(cls, *a)) or chosen[-1]))
+    in_place = run()
+    assert chosen and all(lay.in_place for lay in chosen)
+    chosen.clear()
+    monkeypatch.setattr(pallas_tpu_layout, "IN_PLACE", False)
+    transposed = run()
+    assert chosen and not any(lay.in_place for lay in chosen)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), in_place, transposed):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6, err_msg=name)

@@ -1,0 +1,260 @@
+"""The Pallas Mosaic TPU kernels of one pass: forward, dq, and dk/dv (flash attention over block lists).
+
+Each pass is a flash attention whose key blocks per query tile come from `schedule.forward_schedule`
+by scalar prefetch, so a skipped block costs no DMA and no MXU work; the BlockSpecs come from the
+pass's `TileLayout` (kernels/pallas_tpu_layout.py). A later pass can take an earlier pass's results
+as a `partial` and finish the job in its epilogue:
+
+- forward: the earlier (o, lse) start the online softmax (m = lse, l = 1, acc = o is the state that
+  one block with exactly that output and log-sum-exp leaves), so the last pass writes the merged o;
+- backward: the earlier f32 dq (or dk, dv) is added before the last pass writes its dtype.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from kernels.pallas_tpu_layout import TileLayout, rows_spec
+from kernels.schedule import FULL, PARTIAL, DiagonalMask, forward_schedule, transposed_schedule
+
+# A large finite negative instead of -inf, so that exp(m_prev - m_new) never sees -inf - -inf.
+MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
+SEMANTICS = pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary"))
+
+
+def _visible(mask: DiagonalMask, seq_len: int, r0, c0, rows: int, cols: int):
+    """Boolean [rows, cols] tile of `mask` with the tile's first row r0 and first column c0."""
+    i = r0 + lax.broadcasted_iota(jnp.int32, (rows, cols), 0)
+    j = c0 + lax.broadcasted_iota(jnp.int32, (rows, cols), 1)
+    d = i - j
+    vis = d >= mask.lo
+    if mask.hi < seq_len:
+        vis = vis & (d <= mask.hi)
+    if mask.seg_len < seq_len:  # packed residues: block-diagonal
+        vis = vis & (lax.div(i, mask.seg_len) == lax.div(j, mask.seg_len))
+    return vis
+
+
+def _when_visited(kind, body):
+    """Run body(apply_mask) for PARTIAL blocks with the mask, for FULL blocks without it."""
+    pl.when(kind == PARTIAL)(lambda: body(True))
+    pl.when(kind == FULL)(lambda: body(False))
+
+
+def _dot_t(a, b):
+    """a @ b.T with float32 accumulation."""
+    return lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def _t_dot(a, b):
+    """a.T @ b with float32 accumulation (an explicit transpose, the form Mosaic lowers everywhere)."""
+    return jnp.dot(a.T, b, preferred_element_type=jnp.float32)
+
+
+# --------------------------------------------------------------------------------------------- forward
+
+def _fwd_kernel(index_ref, kind_ref, q_ref, k_ref, v_ref, *refs, mask, seq_len, block_q, block_k, steps,
+                scale, has_partial):
+    if has_partial:
+        o_part_ref, lse_part_ref, o_ref, lse_ref, m_sc, l_sc, acc_sc = refs
+    else:
+        o_ref, lse_ref, m_sc, l_sc, acc_sc = refs
+    qt, s = pl.program_id(2), pl.program_id(3)
+
+    @pl.when(s == 0)
+    def _init():
+        if has_partial:  # rows the earlier pass saw nothing for have lse = -inf: start empty
+            seen = lse_part_ref[...] > -jnp.inf
+            m_sc[...] = jnp.where(seen, lse_part_ref[...], MASK_VALUE)
+            l_sc[...] = seen.astype(jnp.float32)
+            acc_sc[...] = jnp.where(seen, o_part_ref[...].astype(jnp.float32), 0.0)
+        else:
+            m_sc[...] = jnp.full(m_sc.shape, MASK_VALUE, jnp.float32)
+            l_sc[...] = jnp.zeros(l_sc.shape, jnp.float32)
+            acc_sc[...] = jnp.zeros(acc_sc.shape, jnp.float32)
+
+    flat = qt * steps + s
+
+    def update(apply_mask):
+        scores = _dot_t(q_ref[...], k_ref[...]) * scale
+        if apply_mask:
+            vis = _visible(mask, seq_len, qt * block_q, index_ref[flat] * block_k, block_q, block_k)
+            scores = jnp.where(vis, scores, MASK_VALUE)
+        m_prev = m_sc[...]
+        m_new = jnp.maximum(m_prev, scores.max(axis=1, keepdims=True))
+        p = jnp.exp(scores - m_new)
+        if apply_mask:  # a row with no visible key in this tile must add nothing
+            p = jnp.where(vis, p, 0.0)
+        alpha = jnp.exp(m_prev - m_new)
+        l_sc[...] = alpha * l_sc[...] + p.sum(axis=1, keepdims=True)
+        acc_sc[...] = alpha * acc_sc[...] + jnp.dot(p.astype(v_ref.dtype), v_ref[...],
+                                                    preferred_element_type=jnp.float32)
+        m_sc[...] = m_new
+
+    _when_visited(kind_ref[flat], update)
+
+    @pl.when(s == steps - 1)
+    def _finish():
+        l = l_sc[...]
+        empty = l == 0.0  # no visible key in the whole pass: o = 0, lse = -inf
+        o_ref[...] = (acc_sc[...] / jnp.where(empty, 1.0, l)).astype(o_ref.dtype)
+        lse_ref[...] = jnp.where(empty, -jnp.inf, m_sc[...] + jnp.log(jnp.where(empty, 1.0, l)))
+
+
+def pass_forward(q, k, v, mask: DiagonalMask, layout: TileLayout, *, batch, heads, kv_heads, block_q, block_k,
+                 out_dtype, partial=None, interpret=False):
+    """One pass's forward. q, k, v and partial[0] in `layout`; partial[1] and the returned lse are
+    [B, H, T, 1] float32 in the pass's order. Returns (o in `layout`, out_dtype; lse)."""
+    t, d = layout.seq_len, layout.head_dim
+    group = heads // kv_heads
+    sched = forward_schedule(mask, t, block_q, block_k)
+    index, kind = sched.flat()
+    steps = sched.steps
+    own_tile = lambda r, s, idx: r
+    key_tile = lambda r, s, idx: idx[r * steps + s]
+    q_spec = layout.spec(block_q, heads, own_tile, lambda h: h)
+    kv_spec = layout.spec(block_k, kv_heads, key_tile, lambda h: h // group)
+    lse_spec = rows_spec(block_q, own_tile)
+    in_specs = [q_spec, kv_spec, kv_spec] + ([q_spec, lse_spec] if partial is not None else [])
+    kernel = functools.partial(_fwd_kernel, mask=mask, seq_len=t, block_q=block_q, block_k=block_k,
+                               steps=steps, scale=d ** -0.5, has_partial=partial is not None)
+    return pl.pallas_call(
+        kernel,
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=2, grid=(batch, heads, t // block_q, steps),
+            in_specs=in_specs, out_specs=[q_spec, lse_spec],
+            scratch_shapes=[pltpu.VMEM((block_q, 1), jnp.float32), pltpu.VMEM((block_q, 1), jnp.float32),
+                            pltpu.VMEM((block_q, d), jnp.float32)]),
+        out_shape=[jax.ShapeDtypeStruct(layout.shape(batch, heads), out_dtype),
+                   jax.ShapeDtypeStruct((batch, heads, t, 1), jnp.float32)],
+        compiler_params=SEMANTICS, interpret=interpret, name="sparse_attention_fwd",
+    )(jnp.asarray(index), jnp.asarray(kind), q, k, v, *(partial or ()))
+
+
+# -------------------------------------------------------------------------------------------- backward
+
+def _dq_kernel(index_ref, kind_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, mask, seq_len,
+               block_q, block_k, steps, scale, has_partial):
+    if has_partial:
+        dq_part_ref, dq_ref, dq_sc = refs
+    else:
+        dq_ref, dq_sc = refs
+    qt, s = pl.program_id(2), pl.program_id(3)
+
+    @pl.when(s == 0)
+    def _init():
+        dq_sc[...] = jnp.zeros(dq_sc.shape, jnp.float32)
+
+    flat = qt * steps + s
+
+    def update(apply_mask):
+        k = k_ref[...]
+        p = jnp.exp(_dot_t(q_ref[...], k) * scale - lse_ref[...])
+        if apply_mask:
+            vis = _visible(mask, seq_len, qt * block_q, index_ref[flat] * block_k, block_q, block_k)
+            p = jnp.where(vis, p, 0.0)
+        dp = _dot_t(do_ref[...], v_ref[...])
+        ds = p * (dp - delta_ref[...])
+        dq_sc[...] += jnp.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
+
+    _when_visited(kind_ref[flat], update)
+
+    @pl.when(s == steps - 1)
+    def _finish():
+        dq = dq_sc[...] * scale
+        if has_partial:
+            dq = dq + dq_part_ref[...]
+        dq_ref[...] = dq.astype(dq_ref.dtype)
+
+
+def _dkv_kernel(index_ref, kind_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, mask, seq_len,
+                block_q, block_k, steps, scale, has_partial):
+    if has_partial:
+        dk_part_ref, dv_part_ref, dk_ref, dv_ref, dk_sc, dv_sc = refs
+    else:
+        dk_ref, dv_ref, dk_sc, dv_sc = refs
+    kt, s = pl.program_id(2), pl.program_id(3)
+
+    @pl.when(s == 0)
+    def _init():
+        dk_sc[...] = jnp.zeros(dk_sc.shape, jnp.float32)
+        dv_sc[...] = jnp.zeros(dv_sc.shape, jnp.float32)
+
+    flat = kt * steps + s
+
+    def update(apply_mask):
+        q, do = q_ref[...], do_ref[...]
+        p = jnp.exp(_dot_t(q, k_ref[...]) * scale - lse_ref[...])  # [block_q, block_k]
+        if apply_mask:
+            vis = _visible(mask, seq_len, index_ref[flat] * block_q, kt * block_k, block_q, block_k)
+            p = jnp.where(vis, p, 0.0)
+        dv_sc[...] += _t_dot(p.astype(do.dtype), do)
+        dp = _dot_t(do, v_ref[...])
+        ds = p * (dp - delta_ref[...])
+        dk_sc[...] += _t_dot(ds.astype(q.dtype), q)
+
+    _when_visited(kind_ref[flat], update)
+
+    @pl.when(s == steps - 1)
+    def _finish():
+        dk, dv = dk_sc[...] * scale, dv_sc[...]
+        if has_partial:
+            dk, dv = dk + dk_part_ref[...], dv + dv_part_ref[...]
+        dk_ref[...] = dk.astype(dk_ref.dtype)
+        dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+def pass_backward(q, k, v, do, lse, delta, mask: DiagonalMask, layout: TileLayout, *, batch, heads, kv_heads,
+                  block_q, block_k, dq_dtype, dkv_dtype, partial=None, interpret=False):
+    """Gradients of one pass. q, k, v, do in `layout`; lse, delta [B, H, T, 1] f32 in the pass's order;
+    partial: None or the earlier passes' f32 (dq, dk, dv) in `layout`, dk and dv per query head.
+    Returns dq (dq_dtype) and dk, dv per query head (dkv_dtype), in `layout`."""
+    t = layout.seq_len
+    group = heads // kv_heads
+    static = dict(mask=mask, seq_len=t, block_q=block_q, block_k=block_k, scale=layout.head_dim ** -0.5,
+                  has_partial=partial is not None)
+    own_tile = lambda r, s, idx: r
+    prefetch = lambda sched: tuple(jnp.asarray(a) for a in sched.flat())
+
+    fwd = forward_schedule(mask, t, block_q, block_k)
+    steps = fwd.steps
+    key_tile = lambda r, s, idx: idx[r * steps + s]
+    q_row = layout.spec(block_q, heads, own_tile, lambda h: h)
+    kv_col = layout.spec(block_k, kv_heads, key_tile, lambda h: h // group)
+    stat_row = rows_spec(block_q, own_tile)
+    dq = pl.pallas_call(
+        functools.partial(_dq_kernel, steps=steps, **static),
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=2, grid=(batch, heads, t // block_q, steps),
+            in_specs=[q_row, kv_col, kv_col, q_row, stat_row, stat_row] + ([q_row] if partial is not None else []),
+            out_specs=q_row,
+            scratch_shapes=[pltpu.VMEM((block_q, layout.head_dim), jnp.float32)]),
+        out_shape=jax.ShapeDtypeStruct(layout.shape(batch, heads), dq_dtype),
+        compiler_params=SEMANTICS, interpret=interpret, name="sparse_attention_dq",
+    )(*prefetch(fwd), q, k, v, do, lse, delta, *(partial[:1] if partial is not None else ()))
+
+    bwd = transposed_schedule(mask, t, block_q, block_k)
+    steps = bwd.steps
+    query_tile = lambda r, s, idx: idx[r * steps + s]
+    q_col = layout.spec(block_q, heads, query_tile, lambda h: h)
+    stat_col = rows_spec(block_q, query_tile)
+    kv_row = layout.spec(block_k, kv_heads, own_tile, lambda h: h // group)
+    dkv_row = layout.spec(block_k, heads, own_tile, lambda h: h)  # per query head
+    dk, dv = pl.pallas_call(
+        functools.partial(_dkv_kernel, steps=steps, **static),
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=2, grid=(batch, heads, t // block_k, steps),
+            in_specs=[q_col, kv_row, kv_row, q_col, stat_col, stat_col] + ([dkv_row] * 2 if partial is not None else []),
+            out_specs=[dkv_row, dkv_row],
+            scratch_shapes=[pltpu.VMEM((block_k, layout.head_dim), jnp.float32)] * 2),
+        out_shape=[jax.ShapeDtypeStruct(layout.shape(batch, heads), dkv_dtype)] * 2,
+        compiler_params=SEMANTICS, interpret=interpret, name="sparse_attention_dkv",
+    )(*prefetch(bwd), q, k, v, do, lse, delta, *(partial[1:] if partial is not None else ()))
+    return dq, dk, dv

@@ -1,0 +1,100 @@
+"""Where the TPU kernel's tiles live: a pass's arrays in HBM and the BlockSpecs that find one tile.
+
+A pass (kernels/schedule.py) works on a flat row order: natural (stride 1) for the band pass,
+residue-major (flat r*P + p holds position p*S + r, P = T/S) for the strided pass. Its kernels
+see (rows, D) tiles of one head in that order. Two ways to lay the [B, T, H, D] arrays out for them:
+
+- in place: a free reshape of [B, T, H, D] to [B, P, S*H*D]. Residue r of head h is the lane
+  block r*H + h (D lanes wide) and its rows are p = 0..P-1, so a tile of `rows` rows of one residue
+  is one (rows, D) block: a strided DMA, no copy. Mosaic's (8, 128) tiling rule makes that block
+  legal when D is a multiple of 128, and a tile must not straddle two residues (P % rows == 0).
+  The band pass is the same view with S = 1, which saves the [B, H, T, D] transposes as well.
+- transposed (the fallback, and `IN_PLACE = False` to compare): XLA transposes to [B, H, T, D] in
+  the pass's flat order; it also serves packed residues (P smaller than a tile).
+
+The row statistics (lse, delta) are [B, H, T, 1] float32 in the pass's flat order in both cases: at
+B*H*T floats their transposes are small next to a [B, T, H, D] array.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from jax.experimental import pallas as pl
+
+# Switch for comparing the two layouts on a TPU (kernels.bench --variants transposed).
+IN_PLACE = True
+LANES = 128
+
+
+@dataclasses.dataclass(frozen=True)
+class TileLayout:
+    seq_len: int
+    stride: int  # 1: natural order; S: residue-major order of stride S
+    head_dim: int
+    in_place: bool
+
+    @classmethod
+    def choose(cls, seq_len: int, stride: int, head_dim: int, tile_rows) -> "TileLayout":
+        """In place when the tiles are legal blocks of the reshaped arrays, else transposed."""
+        residue_len = seq_len // stride
+        fits = head_dim % LANES == 0 and all(residue_len % rows == 0 for rows in tile_rows)
+        return cls(seq_len, stride, head_dim, IN_PLACE and fits)
+
+    @property
+    def residue_len(self) -> int:
+        return self.seq_len // self.stride
+
+    def shape(self, batch: int, heads: int) -> tuple[int, ...]:
+        """Shape of a [batch, T, heads, D] array in this layout."""
+        if self.in_place:
+            return batch, self.residue_len, self.stride * heads * self.head_dim
+        return batch, heads, self.seq_len, self.head_dim
+
+    def to(self, x):
+        """[B, T, H, D] -> this layout."""
+        b, t, h, d = x.shape
+        if self.in_place:
+            return x.reshape(self.shape(b, h))
+        x = x.reshape(b, self.residue_len, self.stride, h, d)  # [b, p, r, h, d]
+        return x.transpose(0, 3, 2, 1, 4).reshape(b, h, t, d)  # flat r*P + p
+
+    def back(self, x, heads: int):
+        """This layout -> [B, T, H, D]."""
+        b, t, d = x.shape[0], self.seq_len, self.head_dim
+        if self.in_place:
+            return x.reshape(b, t, heads, d)
+        x = x.reshape(b, heads, self.stride, self.residue_len, d)  # [b, h, r, p, d]
+        return x.transpose(0, 3, 2, 1, 4).reshape(b, t, heads, d)
+
+    def rows_to(self, x):
+        """Row statistics [B, H, T] in natural order -> [B, H, T, 1] in this pass's order."""
+        b, h, t = x.shape
+        return x.reshape(b, h, self.residue_len, self.stride).swapaxes(2, 3).reshape(b, h, t, 1)
+
+    def rows_back(self, x):
+        """[B, H, T, 1] in this pass's order -> [B, H, T] natural."""
+        b, h, t, _ = x.shape
+        return x.reshape(b, h, self.stride, self.residue_len).swapaxes(2, 3).reshape(b, h, t)
+
+    def spec(self, rows: int, heads: int, tile, head) -> pl.BlockSpec:
+        """BlockSpec of (rows, D) tiles for a grid (batch, head, tile, step) with two scalar-prefetched
+        lists: tile(r, s, idx) is the tile's index in the pass's flat order, head(h) its head in an
+        array of `heads` heads (h // group for k and v)."""
+        d = self.head_dim
+        if not self.in_place:
+            return pl.BlockSpec((None, None, rows, d), lambda b, h, r, s, idx, knd: (b, head(h), tile(r, s, idx), 0))
+        per_residue = self.residue_len // rows
+
+        def index(b, h, r, s, idx, knd):
+            t = tile(r, s, idx)
+            if self.stride == 1:
+                return b, t, head(h)
+            return b, t % per_residue, (t // per_residue) * heads + head(h)
+
+        return pl.BlockSpec((None, rows, d), index)
+
+
+def rows_spec(rows: int, tile) -> pl.BlockSpec:
+    """BlockSpec of (rows, 1) tiles of the [B, H, T, 1] row statistics."""
+    return pl.BlockSpec((None, None, rows, 1), lambda b, h, r, s, idx, knd: (b, h, tile(r, s, idx), 0))

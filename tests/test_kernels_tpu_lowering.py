@@ -1,0 +1,60 @@
+"""The Pallas TPU kernels lowered for real TPUs on this CPU machine (no TPU needed).
+
+`lower(lowering_platforms=("tpu",))` under an abstract mesh that names the chip runs Pallas's Mosaic
+lowering: the (8, 128) block-shape rule, scalar prefetch, and every op of the kernel bodies. What it
+cannot check is Mosaic's own compilation inside libtpu, which happens only on a TPU.
+"""
+
+import math
+import re
+
+import jax
+import jax.numpy as jnp
+import pytest
+from jax.sharding import AbstractDevice, AbstractMesh, AxisType, use_abstract_mesh
+
+from kernels import patterns
+from kernels.pallas_tpu import sparse_attention_tpu
+
+CHIPS = ("TPU v5 lite", "TPU v6 lite")  # Colab's v5e and v6e
+
+
+def _lower_grad(chip, seq, heads, head_dim, pattern):
+    device = AbstractDevice(device_kind=chip, num_cores=1, platform="tpu")
+    mesh = AbstractMesh((1,), ("x",), (AxisType.Explicit,), abstract_device=device)
+    x = jax.ShapeDtypeStruct((1, seq, heads, head_dim), jnp.bfloat16)
+    loss = lambda q, k, v: jnp.sum(sparse_attention_tpu(q, k, v, pattern, interpret=False).astype(jnp.float32))
+    with use_abstract_mesh(mesh):  # the gradient runs both passes' forward, dq and dk/dv kernels
+        lowered = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(x, x, x).lower(lowering_platforms=("tpu",))
+    return lowered.as_text().splitlines()
+
+
+def _result_elements(line):
+    """Element count of an op's result type (the last tensor<...> of its line)."""
+    dims = re.findall(r"tensor<([0-9x]+)x[a-z]+[0-9]*>", line)[-1]
+    return math.prod(int(n) for n in dims.split("x"))
+
+
+@pytest.mark.parametrize("chip", CHIPS)
+def test_lowers_in_place_at_the_benchmark_shape(chip):
+    """T = 32K, 16 heads, head_dim 128, window = stride = 256: 128 rows per residue, so both passes
+    read and write the [B, T, H, D] arrays in place. XLA transposes only the [B, H, T] row statistics
+    and does no arithmetic on a [B, T, H, D] array: the merge and the gradient sums are in the kernels."""
+    lines = _lower_grad(chip, 32768, 16, 128, patterns.local_strided(256, 256))
+    assert sum("tpu_custom_call" in line for line in lines) == 6
+    full = 32768 * 16 * 128  # elements of a [B, T, H, D] array
+    transposes = [line for line in lines if "stablehlo.transpose" in line]
+    assert transposes and max(_result_elements(t) for t in transposes) <= full // 128
+    arithmetic = ("stablehlo.add", "stablehlo.multiply", "stablehlo.divide", "stablehlo.exponential")
+    assert not [line for line in lines
+                if line.strip().split(" = ")[-1].startswith(arithmetic) and _result_elements(line) >= full]
+
+
+@pytest.mark.parametrize("seq,head_dim,pattern", [
+    (2048, 128, patterns.local_strided(256, 256)),  # 8 rows per residue: packed, transposed strided pass
+    (4096, 64, patterns.local_strided(128, 64)),    # head_dim 64: transposed layout for both passes
+    (4096, 128, patterns.dense()),
+], ids=["packed residues", "head_dim 64", "dense"])
+def test_lowers_in_the_other_layouts(seq, head_dim, pattern):
+    lines = _lower_grad("TPU v5 lite", seq, 4, head_dim, pattern)
+    assert sum("tpu_custom_call" in line for line in lines) == 3 * (1 + (pattern.kind == "local_strided"))
