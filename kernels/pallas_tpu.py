@@ -1,10 +1,12 @@
-"""Pallas Mosaic TPU sparse attention: dense, local, strided and local+strided causal, forward and backward.
+"""Pallas Mosaic TPU sparse attention: dense, local, strided, local+strided and fixed causal, forward and backward.
 
 Route (kernels/schedule.py): a pattern is one or two passes, each a flash attention over a
 block-sparse list of key blocks given to the kernels by scalar prefetch (kernels/pallas_tpu_kernels.py):
   band pass      natural order, the key blocks within the window of each query tile;
   strided pass   residue-major order, a causal attention with a diagonal offset per residue,
-                 residues packed block-diagonally into a tile when T/S is small.
+                 residues packed block-diagonally into a tile when T/S is small;
+  fixed(b, c)    a block-diagonal causal pass, then one over the summary keys of earlier blocks,
+                 gathered by XLA into a short key sequence (kernels/schedule.py: SummaryMask).
 The passes chain: the strided pass starts its online softmax from the band pass's (o, lse) and writes
 the merged output; backward, each pass recomputes P = exp(S - lse) from the merged lse (dS = P * (dP -
 rowsum(dO * o))) with a dq kernel on the forward lists and a dk/dv kernel on the transposed lists, and
@@ -18,6 +20,7 @@ kernels index kv head h // group; dk/dv are computed per query head and summed o
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -31,7 +34,7 @@ from kernels.patterns import Pattern
 from kernels.schedule import Pass, passes_for
 
 SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16)
-SUPPORTED_KINDS = ("dense", "local", "strided", "local_strided")
+SUPPORTED_KINDS = ("dense", "local", "strided", "local_strided", "fixed")
 
 
 def default_block(seq_len: int, cap: int = 512) -> int:
@@ -45,12 +48,13 @@ def default_block(seq_len: int, cap: int = 512) -> int:
 
 
 def default_block_for(pattern: Pattern, seq_len: int) -> int:
-    """Tile size when none is given: 512 for dense/strided work; for a band, about the window (at least
-    128, the MXU width), because a query tile visits ceil((window - 1) / b) + 1 key blocks of b, so
-    tiles much wider than the window mostly compute masked-out pairs."""
+    """Tile size when none is given: 512 for dense/strided work; for a band (or fixed's blocks), about
+    the window (at least 128, the MXU width), because a query tile visits ceil((window - 1) / b) + 1 key
+    blocks of b, so tiles much wider than the window mostly compute masked-out pairs."""
     cap = 512
-    if pattern.window:
-        cap = max(128, min(512, 1 << (pattern.window.bit_length() - 1)))
+    span = pattern.window or pattern.block
+    if span:
+        cap = max(128, min(512, 1 << (span.bit_length() - 1)))
     return default_block(seq_len, cap)
 
 
@@ -80,19 +84,56 @@ def check_supported(q, k, v, pattern: Pattern, block_q: int, block_k: int) -> No
 
 # ------------------------------------------------------------------------------------ passes, chained
 
-def _pass_blocks(p: Pass, seq_len, block_q, block_k):
-    if not p.residue_major:
-        return block_q, block_k
-    return (residue_pass_block(block_q, seq_len, p.stride), residue_pass_block(block_k, seq_len, p.stride))
+def _round_up(x: int, m: int) -> int:
+    return -(-x // m) * m
 
 
-def _plan(pattern, q, block_q, block_k):
-    """(pass, its tile sizes, its layout) for each pass of the pattern, in order."""
+@dataclasses.dataclass(frozen=True)
+class _PassPlan:
+    """One pass with its tile sizes and the layouts of its query-side and key-side arrays."""
+    p: Pass
+    block_q: int
+    block_k: int
+    q_layout: TileLayout
+    kv_layout: TileLayout
+
+    def keys(self, x):
+        """[B, T, Hk, D] natural -> this pass's keys in kv_layout. fixed's summary pass takes the last c
+        positions of every block (a strided slice) and pads them to whole key blocks; padding keys
+        are never visible (their gathered index is beyond every query's threshold)."""
+        if self.p.gathers_keys:
+            b, t, h, d = x.shape
+            blk, c = self.p.mask.block, self.p.mask.c
+            x = x.reshape(b, t // blk, blk, h, d)[:, :, blk - c:].reshape(b, t // blk * c, h, d)
+            x = jnp.pad(x, ((0, 0), (0, self.kv_layout.seq_len - x.shape[1]), (0, 0), (0, 0)))
+        return self.kv_layout.to(x)
+
+    def add_key_grads(self, acc, g, heads: int):
+        """Gradient g of this pass's keys (kv_layout, per query head) added at their natural positions of
+        acc [B, T, H, D] f32 (None when this is the first pass)."""
+        g = self.kv_layout.back(g, heads)
+        if not self.p.gathers_keys:
+            return g if acc is None else acc + g
+        b, t, h, d = acc.shape
+        blk, c = self.p.mask.block, self.p.mask.c
+        g = g[:, :t // blk * c].reshape(b, t // blk, c, h, d)
+        return acc.reshape(b, t // blk, blk, h, d).at[:, :, blk - c:].add(g).reshape(b, t, h, d)
+
+
+def _plan(pattern, q, block_q, block_k) -> list[_PassPlan]:
     t, d = q.shape[1], q.shape[3]
     plan = []
     for p in passes_for(pattern, t):
-        bq, bk = _pass_blocks(p, t, block_q, block_k)
-        plan.append((p, bq, bk, TileLayout.choose(t, p.stride or 1, d, (bq, bk))))
+        bq, bk, n_keys = block_q, block_k, t
+        if p.residue_major:
+            bq, bk = residue_pass_block(bq, t, p.stride), residue_pass_block(bk, t, p.stride)
+        if p.gathers_keys:
+            n_keys = t // p.mask.block * p.mask.c
+            bk = min(bk, _round_up(n_keys, 8))
+            n_keys = _round_up(n_keys, bk)
+        q_layout = TileLayout.choose(t, p.stride or 1, d, (bq, bk) if n_keys == t else (bq,))
+        kv_layout = q_layout if n_keys == t else TileLayout.choose(n_keys, 1, d, (bk,))
+        plan.append(_PassPlan(p, bq, bk, q_layout, kv_layout))
     return plan
 
 
@@ -103,11 +144,12 @@ def _forward(q, k, v, pattern, block_q, block_k, interpret):
     b, _, h, _ = q.shape
     plan = _plan(pattern, q, block_q, block_k)
     o = lse = None
-    for n, (p, bq, bk, lay) in enumerate(plan):
+    for n, pp in enumerate(plan):
         last = n == len(plan) - 1
+        lay = pp.q_layout
         partial = None if o is None else (lay.to(o), lay.rows_to(lse))
-        o_p, lse_p = pass_forward(lay.to(q), lay.to(k), lay.to(v), p.mask, lay, batch=b, heads=h,
-                                  kv_heads=k.shape[2], block_q=bq, block_k=bk,
+        o_p, lse_p = pass_forward(lay.to(q), pp.keys(k), pp.keys(v), pp.p.mask, lay, kv_layout=pp.kv_layout,
+                                  batch=b, heads=h, kv_heads=k.shape[2], block_q=pp.block_q, block_k=pp.block_k,
                                   out_dtype=q.dtype if last else jnp.float32, partial=partial, interpret=interpret)
         o, lse = lay.back(o_p, h), lay.rows_back(lse_p)
     return o, lse
@@ -115,23 +157,28 @@ def _forward(q, k, v, pattern, block_q, block_k, interpret):
 
 def _backward(q, k, v, o, lse, do, pattern, block_q, block_k, interpret):
     """Gradients from the merged (o, lse): each pass is a flash-attention backward over its own keys,
-    and each pass after the first adds the earlier passes' f32 gradients before writing."""
+    and each pass after the first adds the earlier passes' f32 gradients before writing (dk, dv of
+    fixed's gathered summary keys are added at their positions by XLA instead)."""
     b, t, h, d = q.shape
     hk = k.shape[2]
     # rowsum(dO * o) as a contraction over head_dim: XLA writes [B, H, T] directly, no elementwise pass
     delta = jnp.einsum("bthd,bthd->bht", do, o, preferred_element_type=jnp.float32)
     plan = _plan(pattern, q, block_q, block_k)
-    grads = None
-    for n, (p, bq, bk, lay) in enumerate(plan):
+    dq = dk = dv = None
+    for n, pp in enumerate(plan):
         last = n == len(plan) - 1
-        partial = None if grads is None else tuple(lay.to(g) for g in grads)
-        g = pass_backward(lay.to(q), lay.to(k), lay.to(v), lay.to(do), lay.rows_to(lse), lay.rows_to(delta),
-                          p.mask, lay, batch=b, heads=h, kv_heads=hk, block_q=bq, block_k=bk,
-                          dq_dtype=q.dtype if last else jnp.float32,
-                          dkv_dtype=k.dtype if last and hk == h else jnp.float32,
-                          partial=partial, interpret=interpret)
-        grads = tuple(lay.back(x, h) for x in g)
-    dq, dk, dv = grads
+        lay = pp.q_layout
+        chain_dkv = dk is not None and not pp.p.gathers_keys
+        dq_p, dk_p, dv_p = pass_backward(
+            lay.to(q), pp.keys(k), pp.keys(v), lay.to(do), lay.rows_to(lse), lay.rows_to(delta), pp.p.mask, lay,
+            kv_layout=pp.kv_layout, batch=b, heads=h, kv_heads=hk, block_q=pp.block_q, block_k=pp.block_k,
+            dq_dtype=q.dtype if last else jnp.float32,
+            dkv_dtype=k.dtype if last and hk == h and not pp.p.gathers_keys else jnp.float32,
+            dq_partial=None if dq is None else lay.to(dq),
+            dkv_partial=(pp.kv_layout.to(dk), pp.kv_layout.to(dv)) if chain_dkv else None, interpret=interpret)
+        dq = lay.back(dq_p, h)
+        dk = pp.add_key_grads(None if chain_dkv else dk, dk_p, h)
+        dv = pp.add_key_grads(None if chain_dkv else dv, dv_p, h)
     if hk != h:  # GQA: dk, dv were computed per query head; head h belongs to kv head h // group
         dk = dk.reshape(b, t, hk, h // hk, d).sum(axis=3)
         dv = dv.reshape(b, t, hk, h // hk, d).sum(axis=3)

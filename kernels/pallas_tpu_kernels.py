@@ -22,17 +22,19 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from kernels.pallas_tpu_layout import TileLayout, rows_spec
-from kernels.schedule import FULL, PARTIAL, DiagonalMask, forward_schedule, transposed_schedule
+from kernels.schedule import FULL, PARTIAL, DiagonalMask, SummaryMask, forward_schedule, transposed_schedule
 
 # A large finite negative instead of -inf, so that exp(m_prev - m_new) never sees -inf - -inf.
 MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 SEMANTICS = pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary"))
 
 
-def _visible(mask: DiagonalMask, seq_len: int, r0, c0, rows: int, cols: int):
+def _visible(mask: DiagonalMask | SummaryMask, seq_len: int, r0, c0, rows: int, cols: int):
     """Boolean [rows, cols] tile of `mask` with the tile's first row r0 and first column c0."""
     i = r0 + lax.broadcasted_iota(jnp.int32, (rows, cols), 0)
     j = c0 + lax.broadcasted_iota(jnp.int32, (rows, cols), 1)
+    if isinstance(mask, SummaryMask):  # gathered summary key j of an earlier block than query i's
+        return j < lax.div(i, mask.block) * mask.c
     d = i - j
     vis = d >= mask.lo
     if mask.hi < seq_len:
@@ -108,19 +110,21 @@ def _fwd_kernel(index_ref, kind_ref, q_ref, k_ref, v_ref, *refs, mask, seq_len, 
         lse_ref[...] = jnp.where(empty, -jnp.inf, m_sc[...] + jnp.log(jnp.where(empty, 1.0, l)))
 
 
-def pass_forward(q, k, v, mask: DiagonalMask, layout: TileLayout, *, batch, heads, kv_heads, block_q, block_k,
-                 out_dtype, partial=None, interpret=False):
-    """One pass's forward. q, k, v and partial[0] in `layout`; partial[1] and the returned lse are
-    [B, H, T, 1] float32 in the pass's order. Returns (o in `layout`, out_dtype; lse)."""
+def pass_forward(q, k, v, mask: DiagonalMask | SummaryMask, layout: TileLayout, *, batch, heads, kv_heads,
+                 block_q, block_k, out_dtype, kv_layout: TileLayout | None = None, partial=None, interpret=False):
+    """One pass's forward. q and partial[0] in `layout`, k and v in `kv_layout` (default: `layout`);
+    partial[1] and the returned lse are [B, H, T, 1] float32 in the pass's order.
+    Returns (o in `layout`, out_dtype; lse)."""
     t, d = layout.seq_len, layout.head_dim
+    kv_layout = kv_layout or layout
     group = heads // kv_heads
-    sched = forward_schedule(mask, t, block_q, block_k)
+    sched = forward_schedule(mask, t, block_q, block_k, kv_layout.seq_len)
     index, kind = sched.flat()
     steps = sched.steps
     own_tile = lambda r, s, idx: r
     key_tile = lambda r, s, idx: idx[r * steps + s]
     q_spec = layout.spec(block_q, heads, own_tile, lambda h: h)
-    kv_spec = layout.spec(block_k, kv_heads, key_tile, lambda h: h // group)
+    kv_spec = kv_layout.spec(block_k, kv_heads, key_tile, lambda h: h // group)
     lse_spec = rows_spec(block_q, own_tile)
     in_specs = [q_spec, kv_spec, kv_spec] + ([q_spec, lse_spec] if partial is not None else [])
     kernel = functools.partial(_fwd_kernel, mask=mask, seq_len=t, block_q=block_q, block_k=block_k,
@@ -211,50 +215,52 @@ def _dkv_kernel(index_ref, kind_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta
         dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
-def pass_backward(q, k, v, do, lse, delta, mask: DiagonalMask, layout: TileLayout, *, batch, heads, kv_heads,
-                  block_q, block_k, dq_dtype, dkv_dtype, partial=None, interpret=False):
-    """Gradients of one pass. q, k, v, do in `layout`; lse, delta [B, H, T, 1] f32 in the pass's order;
-    partial: None or the earlier passes' f32 (dq, dk, dv) in `layout`, dk and dv per query head.
-    Returns dq (dq_dtype) and dk, dv per query head (dkv_dtype), in `layout`."""
-    t = layout.seq_len
+def pass_backward(q, k, v, do, lse, delta, mask: DiagonalMask | SummaryMask, layout: TileLayout, *, batch, heads,
+                  kv_heads, block_q, block_k, dq_dtype, dkv_dtype, kv_layout: TileLayout | None = None,
+                  dq_partial=None, dkv_partial=None, interpret=False):
+    """Gradients of one pass. q, do, dq_partial in `layout`; k, v, dkv_partial in `kv_layout` (default:
+    `layout`); lse, delta [B, H, T, 1] f32 in the pass's order. The partials (None or the earlier passes'
+    f32 dq, and (dk, dv) per query head) are added before writing.
+    Returns dq (dq_dtype, in `layout`) and dk, dv per query head (dkv_dtype, in `kv_layout`)."""
+    t, n_keys = layout.seq_len, (kv_layout or layout).seq_len
+    kv_layout = kv_layout or layout
     group = heads // kv_heads
-    static = dict(mask=mask, seq_len=t, block_q=block_q, block_k=block_k, scale=layout.head_dim ** -0.5,
-                  has_partial=partial is not None)
+    static = dict(mask=mask, seq_len=t, block_q=block_q, block_k=block_k, scale=layout.head_dim ** -0.5)
     own_tile = lambda r, s, idx: r
     prefetch = lambda sched: tuple(jnp.asarray(a) for a in sched.flat())
 
-    fwd = forward_schedule(mask, t, block_q, block_k)
+    fwd = forward_schedule(mask, t, block_q, block_k, n_keys)
     steps = fwd.steps
     key_tile = lambda r, s, idx: idx[r * steps + s]
     q_row = layout.spec(block_q, heads, own_tile, lambda h: h)
-    kv_col = layout.spec(block_k, kv_heads, key_tile, lambda h: h // group)
+    kv_col = kv_layout.spec(block_k, kv_heads, key_tile, lambda h: h // group)
     stat_row = rows_spec(block_q, own_tile)
     dq = pl.pallas_call(
-        functools.partial(_dq_kernel, steps=steps, **static),
+        functools.partial(_dq_kernel, steps=steps, has_partial=dq_partial is not None, **static),
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=2, grid=(batch, heads, t // block_q, steps),
-            in_specs=[q_row, kv_col, kv_col, q_row, stat_row, stat_row] + ([q_row] if partial is not None else []),
+            in_specs=[q_row, kv_col, kv_col, q_row, stat_row, stat_row] + ([q_row] if dq_partial is not None else []),
             out_specs=q_row,
             scratch_shapes=[pltpu.VMEM((block_q, layout.head_dim), jnp.float32)]),
         out_shape=jax.ShapeDtypeStruct(layout.shape(batch, heads), dq_dtype),
         compiler_params=SEMANTICS, interpret=interpret, name="sparse_attention_dq",
-    )(*prefetch(fwd), q, k, v, do, lse, delta, *(partial[:1] if partial is not None else ()))
+    )(*prefetch(fwd), q, k, v, do, lse, delta, *([dq_partial] if dq_partial is not None else []))
 
-    bwd = transposed_schedule(mask, t, block_q, block_k)
+    bwd = transposed_schedule(mask, t, block_q, block_k, n_keys)
     steps = bwd.steps
     query_tile = lambda r, s, idx: idx[r * steps + s]
     q_col = layout.spec(block_q, heads, query_tile, lambda h: h)
     stat_col = rows_spec(block_q, query_tile)
-    kv_row = layout.spec(block_k, kv_heads, own_tile, lambda h: h // group)
-    dkv_row = layout.spec(block_k, heads, own_tile, lambda h: h)  # per query head
+    kv_row = kv_layout.spec(block_k, kv_heads, own_tile, lambda h: h // group)
+    dkv_row = kv_layout.spec(block_k, heads, own_tile, lambda h: h)  # per query head
     dk, dv = pl.pallas_call(
-        functools.partial(_dkv_kernel, steps=steps, **static),
+        functools.partial(_dkv_kernel, steps=steps, has_partial=dkv_partial is not None, **static),
         grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=2, grid=(batch, heads, t // block_k, steps),
-            in_specs=[q_col, kv_row, kv_row, q_col, stat_col, stat_col] + ([dkv_row] * 2 if partial is not None else []),
+            num_scalar_prefetch=2, grid=(batch, heads, n_keys // block_k, steps),
+            in_specs=[q_col, kv_row, kv_row, q_col, stat_col, stat_col] + [dkv_row] * len(dkv_partial or ()),
             out_specs=[dkv_row, dkv_row],
             scratch_shapes=[pltpu.VMEM((block_k, layout.head_dim), jnp.float32)] * 2),
-        out_shape=[jax.ShapeDtypeStruct(layout.shape(batch, heads), dkv_dtype)] * 2,
+        out_shape=[jax.ShapeDtypeStruct(kv_layout.shape(batch, heads), dkv_dtype)] * 2,
         compiler_params=SEMANTICS, interpret=interpret, name="sparse_attention_dkv",
-    )(*prefetch(bwd), q, k, v, do, lse, delta, *(partial[1:] if partial is not None else ()))
+    )(*prefetch(bwd), q, k, v, do, lse, delta, *(dkv_partial or ()))
     return dq, dk, dv

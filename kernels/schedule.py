@@ -15,6 +15,10 @@ mask, on the pass's own flat index, has one shape (`DiagonalMask`):
   When P is smaller than a tile, one tile packs several residues and the segment test makes the
   mask block-diagonal.
 
+fixed(b, c) is two passes in natural query order: block-diagonal causal (`DiagonalMask(b)`), and the
+summary keys of earlier blocks (`SummaryMask`), gathered into their own short key sequence (the last
+c positions of every block, block after block), where query i sees gathered key g iff g // c < i // b.
+
 For a pass and tile sizes (bq, bk) a `BlockSchedule` lists, per query tile, the key blocks to visit and
 whether each is fully visible (no mask needed) or partial; the backward's dk/dv kernel uses the
 transposed lists (per key block, the query tiles that see it). Passes are merged with `merge_partials`.
@@ -47,6 +51,11 @@ class DiagonalMask:
         d = i - j
         return (i // self.seg_len == j // self.seg_len) & (d >= self.lo) & (d <= self.hi)
 
+    def key_range(self, r0: int, r1: int, n_keys: int) -> tuple[int, int]:
+        """First and last key that any row in [r0, r1) may see (last < first: none)."""
+        first = max((r0 // self.seg_len) * self.seg_len, r0 - self.hi, 0)
+        return first, min(r1 - 1 - self.lo, n_keys - 1)
+
     def tile_kind(self, r0: int, r1: int, c0: int, c1: int) -> int:
         """SKIP, PARTIAL or FULL for rows [r0, r1) x cols [c0, c1), computed exactly per segment."""
         L = self.seg_len
@@ -64,14 +73,43 @@ class DiagonalMask:
 
 
 @dataclasses.dataclass(frozen=True)
+class SummaryMask:
+    """Second pass of fixed(block, c): queries in natural order, keys the gathered summary positions
+    (gathered g is position (g // c) * block + block - c + g % c). visible(i, g) = g // c < i // block:
+    the summary keys of earlier blocks (those of the query's own block are in the first pass)."""
+    block: int
+    c: int
+
+    def threshold(self, i):
+        """Gathered keys g < threshold(i) are visible to query i (nondecreasing in i)."""
+        return self.c * (i // self.block)
+
+    def dense(self, n: int, n_keys: int) -> np.ndarray:
+        return np.arange(n_keys)[None, :] < self.threshold(np.arange(n))[:, None]
+
+    def key_range(self, r0: int, r1: int, n_keys: int) -> tuple[int, int]:
+        return 0, min(self.threshold(r1 - 1), n_keys) - 1
+
+    def tile_kind(self, r0: int, r1: int, c0: int, c1: int) -> int:
+        if c0 >= self.threshold(r1 - 1):
+            return SKIP
+        return FULL if c1 - 1 < self.threshold(r0) else PARTIAL
+
+
+@dataclasses.dataclass(frozen=True)
 class Pass:
-    """One pass of a pattern: its mask and whether it runs in the residue-major layout of `stride`."""
-    mask: DiagonalMask
+    """One pass of a pattern: its mask, and its layout: natural, residue-major of `stride`, or natural
+    queries against gathered summary keys (a SummaryMask)."""
+    mask: DiagonalMask | SummaryMask
     stride: int = 0  # 0: natural layout
 
     @property
     def residue_major(self) -> bool:
         return self.stride > 0
+
+    @property
+    def gathers_keys(self) -> bool:
+        return isinstance(self.mask, SummaryMask)
 
 
 def passes_for(pattern: Pattern, seq_len: int) -> list[Pass]:
@@ -91,6 +129,11 @@ def passes_for(pattern: Pattern, seq_len: int) -> list[Pass]:
         if offset < T // s:  # otherwise every strided pair is already in the band
             out.append(Pass(DiagonalMask(T // s, offset), stride=s))
         return out
+    if pattern.kind == "fixed":
+        out = [Pass(DiagonalMask(pattern.block))]
+        if T > pattern.block:  # otherwise there is no earlier block to summarize
+            out.append(Pass(SummaryMask(pattern.block, pattern.c)))
+        return out
     raise ValueError(f"pattern {pattern} has no kernel schedule; use impl='reference' for it")
 
 
@@ -101,8 +144,19 @@ def residue_positions(seq_len: int, stride: int) -> np.ndarray:
     return (flat % P) * stride + flat // P
 
 
+def summary_positions(seq_len: int, block: int, c: int) -> np.ndarray:
+    """Natural position of each gathered key of fixed(block, c): the last c of every block."""
+    g = np.arange(seq_len // block * c)
+    return (g // c) * block + block - c + g % c
+
+
 def pass_pairs(p: Pass, seq_len: int) -> np.ndarray:
     """Boolean [T, T] of natural (query, key) pairs the pass computes (for tests; O(T^2))."""
+    if p.gathers_keys:
+        pos = summary_positions(seq_len, p.mask.block, p.mask.c)
+        out = np.zeros((seq_len, seq_len), bool)
+        out[:, pos] = p.mask.dense(seq_len, len(pos))
+        return out
     m = p.mask.dense(seq_len)
     if not p.residue_major:
         return m
@@ -145,16 +199,18 @@ def _pad_lists(lists) -> BlockSchedule:
 
 
 @functools.lru_cache(maxsize=256)
-def forward_schedule(mask: DiagonalMask, seq_len: int, block_q: int, block_k: int) -> BlockSchedule:
-    """For each query tile, the key blocks it must visit (used by the forward and the dq kernel)."""
-    if seq_len % block_q or seq_len % block_k:
-        raise ValueError(f"sequence length {seq_len} must be a multiple of block_q={block_q} and block_k={block_k}")
+def forward_schedule(mask: DiagonalMask | SummaryMask, seq_len: int, block_q: int, block_k: int,
+                     n_keys: int | None = None) -> BlockSchedule:
+    """For each query tile, the key blocks it must visit (used by the forward and the dq kernel).
+    n_keys: length of the key sequence when it is not the queries' (gathered summary keys)."""
+    n_keys = n_keys or seq_len
+    if seq_len % block_q or n_keys % block_k:
+        raise ValueError(f"{seq_len} queries and {n_keys} keys must be multiples of block_q={block_q} and "
+                         f"block_k={block_k}")
     lists = []
     for qt in range(seq_len // block_q):
         r0, r1 = qt * block_q, (qt + 1) * block_q
-        # candidate keys: same segment as some row, i - j <= hi, i - j >= lo
-        first = max((r0 // mask.seg_len) * mask.seg_len, r0 - mask.hi, 0)
-        last = min(r1 - 1 - mask.lo, seq_len - 1)
+        first, last = mask.key_range(r0, r1, n_keys)
         visits = []
         for kb in range(first // block_k, last // block_k + 1) if last >= first else ():
             k = mask.tile_kind(r0, r1, kb * block_k, (kb + 1) * block_k)
@@ -165,10 +221,11 @@ def forward_schedule(mask: DiagonalMask, seq_len: int, block_q: int, block_k: in
 
 
 @functools.lru_cache(maxsize=256)
-def transposed_schedule(mask: DiagonalMask, seq_len: int, block_q: int, block_k: int) -> BlockSchedule:
+def transposed_schedule(mask: DiagonalMask | SummaryMask, seq_len: int, block_q: int, block_k: int,
+                        n_keys: int | None = None) -> BlockSchedule:
     """For each key block, the query tiles that see it (used by the dk/dv kernel)."""
-    fwd = forward_schedule(mask, seq_len, block_q, block_k)
-    lists = [[] for _ in range(seq_len // block_k)]
+    fwd = forward_schedule(mask, seq_len, block_q, block_k, n_keys)
+    lists = [[] for _ in range((n_keys or seq_len) // block_k)]
     for qt in range(fwd.index.shape[0]):
         for s in range(fwd.steps):
             if fwd.kind[qt, s] != SKIP:
@@ -176,21 +233,15 @@ def transposed_schedule(mask: DiagonalMask, seq_len: int, block_q: int, block_k:
     return _pad_lists(lists)
 
 
-def schedule_pairs(sched: BlockSchedule, block_rows: int, block_cols: int, n: int) -> np.ndarray:
-    """Boolean [n, n]: the (row, col) cells covered by the visited blocks (for tests)."""
-    out = np.zeros((n, n), bool)
+def schedule_pairs(sched: BlockSchedule, block_rows: int, block_cols: int, n: int, n_cols: int | None = None):
+    """Boolean [n, n_cols or n]: the (row, col) cells covered by the visited blocks (for tests)."""
+    out = np.zeros((n, n_cols or n), bool)
     for t in range(sched.index.shape[0]):
         for s in range(sched.steps):
             if sched.kind[t, s] != SKIP:
                 c = sched.index[t, s]
                 out[t * block_rows:(t + 1) * block_rows, c * block_cols:(c + 1) * block_cols] = True
     return out
-
-
-def visited_fraction(mask: DiagonalMask, seq_len: int, block_q: int, block_k: int) -> float:
-    """Share of the T x T score matrix the kernel computes (tile overhead included)."""
-    sched = forward_schedule(mask, seq_len, block_q, block_k)
-    return float((sched.kind != SKIP).sum()) * block_q * block_k / seq_len ** 2
 
 
 def merge_partials(o1, l1, o2, l2, xp=np):

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from kernels import patterns
-from kernels.schedule import (FULL, PARTIAL, SKIP, DiagonalMask, forward_schedule, merge_partials,
-                              pass_pairs, passes_for, residue_positions, schedule_pairs,
+from kernels.schedule import (FULL, PARTIAL, SKIP, DiagonalMask, SummaryMask, forward_schedule, merge_partials,
+                              pass_pairs, passes_for, residue_positions, schedule_pairs, summary_positions,
                               transposed_schedule)
 
 # (window, stride, T): window == stride, window < stride, window > stride, window not a multiple of
@@ -50,9 +50,15 @@ def test_seq_multiple_is_enforced():
         passes_for(patterns.local_strided(8, 8), 60)
 
 
-def test_fixed_pattern_has_no_schedule():
-    with pytest.raises(ValueError, match="reference"):
-        passes_for(patterns.fixed(8, 2), 32)
+@pytest.mark.parametrize("block,c,T", [(8, 2, 32), (4, 4, 16), (16, 1, 64), (8, 3, 8), (5, 2, 35)])
+def test_fixed_passes_partition_the_mask(block, c, T):
+    pattern = patterns.fixed(block, c)
+    counts = sum(pass_pairs(p, T).astype(int) for p in passes_for(pattern, T))
+    np.testing.assert_array_equal(counts, _natural_mask(pattern, T).astype(int))
+
+
+def test_summary_keys_are_the_last_c_of_every_block():
+    np.testing.assert_array_equal(summary_positions(24, 8, 3), [5, 6, 7, 13, 14, 15, 21, 22, 23])
 
 
 MASKS = [
@@ -61,14 +67,10 @@ MASKS = [
 ]
 
 
-@pytest.mark.parametrize("mask", MASKS)
-@pytest.mark.parametrize("bq,bk", [(8, 8), (16, 8), (8, 32), (32, 16)])
-def test_block_schedule_covers_exactly_the_visible_blocks(mask, bq, bk):
-    T = 96  # a multiple of every tile; with seg_len 64 the last segment is cut short, still valid
-    dense = mask.dense(T)
-    sched = forward_schedule(mask, T, bq, bk)
-    covered = schedule_pairs(sched, bq, bk, T)
-    # every visible pair is covered, and each visited block holds at least one visible pair
+def _check_schedule(dense, sched, tsched, bq, bk):
+    """Every visible pair is covered, each visited block holds a visible pair and is FULL iff all its pairs
+    are, no block twice, padding after the real steps; the transposed lists visit the same blocks."""
+    covered = schedule_pairs(sched, bq, bk, *dense.shape)
     assert not (dense & ~covered).any()
     for t in range(sched.index.shape[0]):
         seen = set()
@@ -87,13 +89,31 @@ def test_block_schedule_covers_exactly_the_visible_blocks(mask, bq, bk):
         assert not (~real[:-1] & real[1:]).any()
         if real.any() and not real.all():
             assert (sched.index[t, ~real] == sched.index[t, real][-1]).all()
-    # the transposed schedule visits the same (query tile, key block) pairs
-    tsched = transposed_schedule(mask, T, bq, bk)
+    assert tsched.index.shape[0] == dense.shape[1] // bk
     fwd_pairs = {(t, int(sched.index[t, s]), int(sched.kind[t, s]))
                  for t in range(sched.index.shape[0]) for s in range(sched.steps) if sched.kind[t, s]}
     bwd_pairs = {(int(tsched.index[c, s]), c, int(tsched.kind[c, s]))
                  for c in range(tsched.index.shape[0]) for s in range(tsched.steps) if tsched.kind[c, s]}
     assert fwd_pairs == bwd_pairs
+
+
+@pytest.mark.parametrize("mask", MASKS)
+@pytest.mark.parametrize("bq,bk", [(8, 8), (16, 8), (8, 32), (32, 16)])
+def test_block_schedule_covers_exactly_the_visible_blocks(mask, bq, bk):
+    T = 96  # a multiple of every tile; with seg_len 64 the last segment is cut short, still valid
+    _check_schedule(mask.dense(T), forward_schedule(mask, T, bq, bk), transposed_schedule(mask, T, bq, bk), bq, bk)
+
+
+@pytest.mark.parametrize("block,c", [(8, 2), (16, 16), (32, 3), (4, 1)])
+@pytest.mark.parametrize("bq,bk", [(8, 8), (16, 8), (8, 32), (32, 16)])
+def test_summary_schedule_covers_exactly_the_visible_blocks(block, c, bq, bk):
+    T = 96
+    n_keys = -(-(T // block * c) // bk) * bk  # gathered keys padded to whole blocks: never visible
+    mask = SummaryMask(block, c)
+    dense = mask.dense(T, n_keys)
+    assert not dense[:, T // block * c:].any()
+    _check_schedule(dense, forward_schedule(mask, T, bq, bk, n_keys), transposed_schedule(mask, T, bq, bk, n_keys),
+                    bq, bk)
 
 
 def test_band_schedule_skips_far_blocks():

@@ -53,6 +53,10 @@ CASES = [
     (patterns.local_strided(16, 8), 1, 256, 2, 1, 128, 32, 32, "in place: one tile per residue, GQA"),
     (patterns.local_strided(8, 4), 2, 256, 2, 2, 128, 32, 16, "in place: several tiles per residue"),
     (patterns.strided(8), 1, 128, 2, 2, 128, 16, 16, "in place: strided only"),
+    # fixed(block, c): block-diagonal causal, then the gathered summary keys of earlier blocks
+    (patterns.fixed(16, 4), 1, 128, 2, 1, 32, 32, 16, "fixed: blocks smaller than a tile, GQA"),
+    (patterns.fixed(32, 3), 1, 128, 2, 2, 128, 16, 16, "fixed: summary keys padded to a key block, in place"),
+    (patterns.fixed(8, 8), 1, 64, 1, 1, 32, 16, 16, "fixed with c = block is dense causal"),
 ]
 
 
@@ -112,8 +116,6 @@ def test_unsupported_inputs_raise_value_error_and_auto_falls_back(monkeypatch):
     with pytest.raises(ValueError, match="multiple of 8"):
         sparse_attention_tpu(q, k, v, patterns.dense())
     q, k, v, _ = _inputs(0, 1, 64, 2, 2, 32, jnp.float32)
-    with pytest.raises(ValueError, match="reference"):
-        sparse_attention_tpu(q, k, v, patterns.fixed(8, 2))
     with pytest.raises(ValueError, match="block_q=24"):
         sparse_attention_tpu(q, k, v, patterns.dense(), block_q=24)
     with pytest.raises(ValueError, match="float32 and bfloat16"):
@@ -127,9 +129,10 @@ def test_unsupported_inputs_raise_value_error_and_auto_falls_back(monkeypatch):
         kernels.sparse_attention(q, k, v, patterns.dense(), impl="pallas_gpu")
 
     monkeypatch.setattr(kernels, "auto_impl", lambda: "pallas_tpu")
+    q, k, v = q[:, :20], k[:, :20], v[:, :20]  # not a multiple of the 8-row sublane tile
     with pytest.warns(UserWarning, match="pallas_tpu cannot run"):
-        out = kernels.sparse_attention(q, k, v, patterns.fixed(8, 2))
-    np.testing.assert_allclose(out, reference_attention(q, k, v, patterns.fixed(8, 2)), rtol=1e-6, atol=1e-6)
+        out = kernels.sparse_attention(q, k, v, patterns.fixed(4, 2))
+    np.testing.assert_allclose(out, reference_attention(q, k, v, patterns.fixed(4, 2)), rtol=1e-6, atol=1e-6)
     assert issubclass(UnsupportedInput, ValueError)
 
 

@@ -54,7 +54,8 @@ def test_lowers_in_place_at_the_benchmark_shape(chip):
     (2048, 128, patterns.local_strided(256, 256)),  # 8 rows per residue: packed, transposed strided pass
     (4096, 64, patterns.local_strided(128, 64)),    # head_dim 64: transposed layout for both passes
     (4096, 128, patterns.dense()),
-], ids=["packed residues", "head_dim 64", "dense"])
+    (8192, 128, patterns.fixed(128, 8)),            # block-diagonal pass, then 512 gathered summary keys
+], ids=["packed residues", "head_dim 64", "dense", "fixed"])
 def test_lowers_in_the_other_layouts(seq, head_dim, pattern):
     lines = _lower_grad("TPU v5 lite", seq, 4, head_dim, pattern)
-    assert sum("tpu_custom_call" in line for line in lines) == 3 * (1 + (pattern.kind == "local_strided"))
+    assert sum("tpu_custom_call" in line for line in lines) == 3 * (1 + (pattern.kind in ("local_strided", "fixed")))
