@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -59,7 +60,7 @@ def test_notebook_runs_tiny(tmp_path, monkeypatch):
     client.execute()  # raises CellExecutionError, with the traceback, if any cell fails
 
     cells = _code_cells(nb)
-    install, devices, config, train, plot, sample = cells
+    install, devices, config, train, plot, sample, kernel = cells
     assert "skipping the install" in _stream_text(install)
     assert "mesh axes" in _stream_text(devices) and "cpu" in _stream_text(devices)
     assert "TINY=True" in _stream_text(config) and str(workdir) in _stream_text(config)
@@ -78,3 +79,11 @@ def test_notebook_runs_tiny(tmp_path, monkeypatch):
 
     text = _stream_text(sample)
     assert text.startswith("def ") and len(text.rstrip("\n")) > len("def "), text  # the prompt, then new text
+
+    # the kernel section: the bf16 kernel within 1e-2 of the f32 reference, and the benchmark's rows
+    errors = re.findall(r"(out|dq|dk|dv): relative error .* ([0-9.]+e[-+][0-9]+)", _stream_text(kernel))
+    assert [name for name, _ in errors] == ["out", "dq", "dk", "dv"]
+    assert all(float(err) < 1e-2 for _, err in errors), errors
+    rows = json.loads((workdir / "attn_bench" / "bench.json").read_text())["rows"]
+    assert {r["impl"]: r["status"] for r in rows} == {"ours": "ok", "ours:transposed": "ok", "xla_mask": "ok",
+                                                      "reference": "ok"}
