@@ -16,6 +16,7 @@ from __future__ import annotations
 import jax
 
 import kernels
+from kernels.head_groups import over_head_groups
 from kernels.patterns import Pattern
 from kernels.reference import reference_attention
 
@@ -32,6 +33,8 @@ def attend(q, k, v, pattern: Pattern, impl: str = "auto"):
         raise ValueError(f"attention.impl must be one of {IMPLS}, got {impl!r}")
     if impl == "reference":
         return reference_attention(q, k, v, pattern)
+    if pattern.kind == "heads":  # per-head patterns: each head group dispatched on its own
+        return over_head_groups(lambda qg, kg, vg, part: attend(qg, kg, vg, part, impl), q, k, v, pattern)
 
     if pattern.is_dense:
         if impl == "cudnn" or (impl == "auto" and _backend() == "gpu"):

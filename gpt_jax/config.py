@@ -48,7 +48,8 @@ def get_base_config() -> ml_collections.ConfigDict:
     ))
 
     c.attention = ml_collections.ConfigDict(dict(
-        schedule=("dense",),     # cycled over the layers, e.g. ("dense", "local_strided") as GPT-3
+        schedule=("dense",),     # cycled over the layers, e.g. ("dense", "local_strided") as GPT-3;
+                                 # "local/strided": half the heads local, half strided (per-head)
         window=256,
         stride=256,
         block=128,               # for the Sparse Transformer "fixed" pattern

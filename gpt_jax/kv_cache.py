@@ -11,6 +11,7 @@ Each pattern keeps them where one step can read exactly that set with static sha
 | local_strided(w, s)  | the ring plus the residue-major table                   | W + L/s             |
 | fixed(b, c)          | ring of the current block (b slots) plus the c summary   | b + c * L/b         |
 |                      | columns of every block [B, L/b, c]                      |                     |
+| heads(p1, p2, ...)   | one cache per head group, each its pattern's layout     | the groups' mean    |
 
 Why these layouts: query t of a strided layer sees j = t, t - s, t - 2s, ...: every j with
 j = t (mod s). In residue-major order these are one contiguous row, `table[t % s]`, so a step reads
@@ -34,6 +35,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from kernels.head_groups import split
 from kernels.patterns import Pattern
 
 
@@ -43,6 +45,10 @@ def _ring_size(pattern: Pattern, block_size: int) -> int:
 
 def init_layer(pattern: Pattern, batch: int, block_size: int, heads: int, head_dim: int, dtype) -> dict:
     """An empty cache for one layer (zeros; nothing in it is read before it is written)."""
+    if pattern.kind == "heads":
+        n = len(pattern.parts)
+        return {"groups": tuple(init_layer(p, batch, block_size, heads // n, head_dim, dtype) for p in pattern.parts)}
+
     def z(*shape):
         return jnp.zeros((batch, *shape, heads, head_dim), dtype)
 
@@ -76,6 +82,10 @@ def prefill_layer(pattern: Pattern, cache: dict, k, v, lengths) -> dict:
     Row b's first lengths[b] positions are its prompt; the rest is padding. P is a multiple of the
     pattern's seq_multiple (the model pads the prefill), so the residue views below are exact.
     """
+    if pattern.kind == "heads":
+        n = len(pattern.parts)
+        return {"groups": tuple(prefill_layer(p, c, kg, vg, lengths) for p, c, kg, vg in
+                                zip(pattern.parts, cache["groups"], split(k, n), split(v, n)))}
     P = k.shape[1]
     new = dict(cache)
     if pattern.kind == "dense":
@@ -134,6 +144,11 @@ def _attend_one(q, keys, values, mask):
 def decode_layer(pattern: Pattern, cache: dict, q, k, v, pos):
     """One decode step: write k, v [B, H, D] at positions pos [B], then attend q [B, H, D] to the keys
     pattern allows position pos to see. Returns (out [B, H, D], cache)."""
+    if pattern.kind == "heads":
+        n = len(pattern.parts)
+        steps = [decode_layer(p, c, qg, kg, vg, pos) for p, c, qg, kg, vg in
+                 zip(pattern.parts, cache["groups"], split(q, n, 1), split(k, n, 1), split(v, n, 1))]
+        return jnp.concatenate([out for out, _ in steps], axis=1), {"groups": tuple(c for _, c in steps)}
     new = dict(cache)
     t = pos[:, None]  # [B, 1]
     keys, values, masks = [], [], []
@@ -183,8 +198,10 @@ def decode_layer(pattern: Pattern, cache: dict, q, k, v, pos):
     return out, new
 
 
-def keys_read_per_token(pattern: Pattern, block_size: int) -> int:
-    """Cache entries one decode step of this pattern reads (the table above)."""
+def keys_read_per_token(pattern: Pattern, block_size: int) -> float:
+    """Cache entries one decode step of this pattern reads per head (the table above)."""
+    if pattern.kind == "heads":
+        return sum(keys_read_per_token(p, block_size) for p in pattern.parts) / len(pattern.parts)
     L = block_size
     return {"dense": L, "local": _ring_size(pattern, L), "strided": L // max(pattern.stride, 1),
             "local_strided": _ring_size(pattern, L) + L // max(pattern.stride, 1),

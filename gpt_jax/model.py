@@ -69,6 +69,8 @@ class GPTConfig:
         """Raise ValueError with a one-line reason if this model cannot be built."""
         if self.n_embd % self.n_head:
             raise ValueError(f"model.n_head={self.n_head} does not divide model.n_embd={self.n_embd}")
+        for pattern in set(self.patterns):
+            pattern.check_heads(self.n_head)
         multiple = lcm_multiple(self.patterns)
         if self.block_size % multiple:
             raise ValueError(

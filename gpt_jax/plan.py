@@ -125,7 +125,7 @@ def plan(config, mesh: dict[str, int], device_memory_gib: float) -> str:
         attn_train += 3 * fwd
         lines.append(f"  attention, {count} x {pattern}: {keys:.1f} keys per query on average, "
                      f"{fwd / 1e9:.3f} GFLOP forward, {3 * fwd / 1e9:.3f} GFLOP train; a cached decode step "
-                     f"reads {kv_cache.keys_read_per_token(pattern, s)} keys per layer")
+                     f"reads {kv_cache.keys_read_per_token(pattern, s):g} keys per head and layer")
     total = train_flops_per_token(model_cfg, s)
     lines.append(f"  total: {total / 1e9:.3f} GFLOP per trained token ({100 * attn_train / total:.1f}% attention); "
                  f"{total * train.batch_size * s / 1e15:.2f} PFLOP per step of {train.batch_size} x {s} tokens")

@@ -13,13 +13,14 @@ import warnings
 import jax
 
 from kernels.errors import UnsupportedInput
-from kernels.patterns import Pattern, dense, fixed, local, local_strided, strided
+from kernels.head_groups import over_head_groups
+from kernels.patterns import Pattern, dense, fixed, heads, local, local_strided, strided
 from kernels.reference import reference_attention
 
 IMPLS = ("reference", "pallas_tpu", "pallas_gpu", "auto")
 
 __all__ = ["sparse_attention", "auto_impl", "IMPLS", "Pattern", "dense", "local", "strided",
-           "local_strided", "fixed", "reference_attention", "UnsupportedInput"]
+           "local_strided", "fixed", "heads", "reference_attention", "UnsupportedInput"]
 
 
 def auto_impl() -> str:
@@ -77,6 +78,9 @@ def sparse_attention(q, k, v, pattern: Pattern, *, impl: str = "auto", block_q: 
     _check_shapes(q, k, v, pattern)
     if impl not in IMPLS:
         raise ValueError(f"unknown impl {impl!r}; expected one of {IMPLS}")
+    if pattern.kind == "heads":  # per-head patterns: each head group on its own
+        return over_head_groups(lambda qg, kg, vg, part: sparse_attention(
+            qg, kg, vg, part, impl=impl, block_q=block_q, block_k=block_k, interpret=interpret), q, k, v, pattern)
     if impl != "auto":
         return _run(impl, q, k, v, pattern, block_q, block_k, interpret)
     chosen = auto_impl()

@@ -84,6 +84,8 @@ def _jax_alternative(name, pattern, seq, batch, heads, head_dim, dtype, interpre
     if scores_bytes > MAX_SCORES_BYTES:
         raise NotAvailable(f"would materialize {scores_bytes / 2**30:.0f} GiB of scores")
     if name == "xla_mask":
+        if pattern.kind == "heads":
+            raise NotAvailable("per-head patterns have one mask per head group")
         pos = np.arange(seq)
         mask = jnp.asarray(pattern.mask(pos, pos))[None, None]
         return (lambda q, k, v: jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")), pattern
@@ -191,7 +193,8 @@ def plot(rows, path) -> None:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--pattern", default="local_strided", choices=patterns.KINDS)
+    p.add_argument("--pattern", default="local_strided", help="dense, local, strided, local_strided or fixed; "
+                   "patterns joined by '/' split the heads between them (local/strided)")
     p.add_argument("--window", type=int, default=256)
     p.add_argument("--stride", type=int, default=256)
     p.add_argument("--block", type=int, default=0, help="fixed pattern block")
@@ -215,7 +218,10 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    pattern = patterns.from_name(args.pattern, window=args.window, stride=args.stride, block=args.block, c=args.c)
+    try:
+        pattern = patterns.from_name(args.pattern, window=args.window, stride=args.stride, block=args.block, c=args.c)
+    except ValueError as e:
+        raise SystemExit(f"error: --pattern {args.pattern}: {e}")
     impls = [s for s in args.impls.split(",") if s]
     unknown = set(impls) - set(ALL_IMPLS)
     if unknown:

@@ -5,6 +5,8 @@
 - strided(stride):       0 <= d and d % stride == 0
 - local_strided(w, s):   the union of local(w) and strided(s) (GPT-3 / Sparse Transformer)
 - fixed(block, c):       0 <= d and (same block, or j % block >= block - c) (Sparse Transformer "fixed")
+- heads(p1, p2, ...):    per-head patterns: the heads split into equal contiguous groups, group g uses
+                         p_g (the Sparse Transformer's "multi-head" integration; "local/strided" by name)
 
 A Pattern is a small frozen dataclass: hashable, so it can be a static argument of jitted
 functions and a field of Flax modules.
@@ -17,7 +19,7 @@ import math
 
 import numpy as np
 
-KINDS = ("dense", "local", "strided", "local_strided", "fixed")
+KINDS = ("dense", "local", "strided", "local_strided", "fixed", "heads")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,6 +29,7 @@ class Pattern:
     stride: int = 0
     block: int = 0
     c: int = 0
+    parts: tuple["Pattern", ...] = ()  # heads: one pattern per head group
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -37,6 +40,9 @@ class Pattern:
             raise ValueError(f"pattern {self.kind} needs stride >= 1, got {self.stride}")
         if self.kind == "fixed" and not (self.block >= 1 and 1 <= self.c <= self.block):
             raise ValueError(f"pattern fixed needs block >= 1 and 1 <= c <= block, got block={self.block}, c={self.c}")
+        if self.kind == "heads" and (len(self.parts) < 2 or any(p.kind == "heads" for p in self.parts)):
+            raise ValueError(f"per-head patterns need two or more patterns that are not per-head themselves, "
+                             f"got {len(self.parts)}")
 
     @property
     def is_dense(self) -> bool:
@@ -49,7 +55,16 @@ class Pattern:
             return self.stride
         if self.kind == "fixed":
             return self.block
+        if self.kind == "heads":
+            return lcm_multiple(self.parts)
         return 1
+
+    def check_heads(self, heads: int, kv_heads: int | None = None) -> None:
+        """Per-head patterns split the query heads (and kv heads) into len(parts) equal groups."""
+        n = len(self.parts)
+        if self.kind == "heads" and (heads % n or (kv_heads or n) % n):
+            raise ValueError(f"{self} splits the heads into {n} groups, which needs the number of heads "
+                             f"({heads}{'' if kv_heads is None else f', kv heads {kv_heads}'}) to be a multiple of {n}")
 
     def check_seq_len(self, seq_len: int) -> None:
         m = self.seq_multiple
@@ -62,7 +77,10 @@ class Pattern:
         """Boolean mask [..., Tq, Tk] for query positions q_pos [Tq] and key positions k_pos [Tk].
 
         `xp` is numpy or jax.numpy, so the same definition serves tests and traced code.
+        Per-head patterns have one mask per head group: use `parts`.
         """
+        if self.kind == "heads":
+            raise ValueError(f"{self} has one mask per head group; take each part's mask")
         d = q_pos[:, None] - k_pos[None, :]
         causal = d >= 0
         if self.kind == "dense":
@@ -77,8 +95,11 @@ class Pattern:
         summary = (k_pos[None, :] % self.block) >= (self.block - self.c)
         return causal & (same_block | summary)
 
-    def keys_per_row(self, i: int) -> int:
-        """Number of keys query i attends to, by formula (tests check it against the mask)."""
+    def keys_per_row(self, i: int) -> float:
+        """Number of keys query i attends to, by formula (tests check it against the mask); for per-head
+        patterns the mean over the head groups."""
+        if self.kind == "heads":
+            return sum(p.keys_per_row(i) for p in self.parts) / len(self.parts)
         if self.kind == "dense":
             return i + 1
         if self.kind == "local":
@@ -97,8 +118,11 @@ class Pattern:
         earlier_blocks = i // b
         return own + earlier_blocks * c
 
-    def pairs(self, seq_len: int) -> int:
-        """Total (query, key) pairs the pattern computes over a causal sequence of seq_len."""
+    def pairs(self, seq_len: int) -> float:
+        """(query, key) pairs one head computes over a causal sequence of seq_len (per-head patterns: the
+        mean over head groups)."""
+        if self.kind == "heads":
+            return sum(p.pairs(seq_len) for p in self.parts) / len(self.parts)
         return sum(self.keys_per_row(i) for i in range(seq_len))
 
     def density(self, seq_len: int) -> float:
@@ -114,6 +138,8 @@ class Pattern:
             return f"strided(stride={self.stride})"
         if self.kind == "local_strided":
             return f"local_strided(window={self.window}, stride={self.stride})"
+        if self.kind == "heads":
+            return "heads(" + " | ".join(str(p) for p in self.parts) + ")"
         return f"fixed(block={self.block}, c={self.c})"
 
 
@@ -137,8 +163,16 @@ def fixed(block: int, c: int) -> Pattern:
     return Pattern("fixed", block=block, c=c)
 
 
+def heads(*parts: Pattern) -> Pattern:
+    return Pattern("heads", parts=tuple(parts))
+
+
 def from_name(name: str, *, window: int = 0, stride: int = 0, block: int = 0, c: int = 0) -> Pattern:
-    """Build a pattern from a schedule entry such as "local_strided", taking sizes from the config."""
+    """Build a pattern from a schedule entry such as "local_strided", taking sizes from the config;
+    "local/strided" gives each half of the heads its own pattern (per-head patterns)."""
+    if "/" in name:
+        return heads(*(from_name(part.strip(), window=window, stride=stride, block=block, c=c)
+                       for part in name.split("/")))
     params = {"dense": {}, "local": dict(window=window), "strided": dict(stride=stride),
               "local_strided": dict(window=window, stride=stride), "fixed": dict(block=block, c=c)}
     if name not in params:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from kernels.head_groups import split
 from kernels.patterns import Pattern
 
 
@@ -20,6 +21,15 @@ def reference_attention(q, k, v, pattern: Pattern, *, q_offset: int = 0, k_offse
     key column s at k_offset + s, which lets a decode step or a chunk use the same oracle.
     Rows with no visible key return zeros (and lse = -inf).
     """
+    if pattern.kind == "heads":  # each head group with its own pattern
+        n = len(pattern.parts)
+        pattern.check_heads(q.shape[2], k.shape[2])
+        results = [reference_attention(qg, kg, vg, part, q_offset=q_offset, k_offset=k_offset, scale=scale,
+                                       return_lse=return_lse)
+                   for qg, kg, vg, part in zip(split(q, n), split(k, n), split(v, n), pattern.parts)]
+        if not return_lse:
+            return jnp.concatenate(results, axis=2)
+        return jnp.concatenate([o for o, _ in results], axis=2), jnp.concatenate([l for _, l in results], axis=1)
     b, tq, h, dh = q.shape
     _, tk, hk, _ = k.shape
     if h % hk:

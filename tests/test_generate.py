@@ -35,6 +35,7 @@ SCHEDULES = {
     "dense+local_strided": (("dense", "local_strided"), {}),
     "local+strided": (("local", "strided"), {}),
     "fixed": (("fixed", "dense"), dict(block=16, c=4)),
+    "per-head local/strided": (("local/strided", "fixed/dense"), dict(block=16, c=4)),
 }
 
 

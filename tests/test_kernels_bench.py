@@ -60,3 +60,19 @@ def test_variants_set_the_kernel_switches_only_while_timed(monkeypatch):
     assert [r["impl"] for r in rows] == ["ours", "ours:no-pingpong", "ours:transposed"]
     assert seen == [(True, True, True), (False, True, True), (True, False, False)]
     assert switches() == (True, True, True)  # restored
+
+
+def test_per_head_pattern_rows_and_bad_pattern_names():
+    rows = bench.main(["--pattern", "local/strided", "--window", "16", "--stride", "8", "--seq", "64",
+                       "--tokens", "64", "--heads", "2", "--head-dim", "16", "--dtype", "float32",
+                       "--impls", "reference,xla_mask", "--repeats", "1", "--warmup", "0"])
+    status = {r["impl"]: r["status"] for r in rows}
+    assert status["reference"] == "ok" and status["xla_mask"].startswith("n/a (per-head")
+    pattern = patterns.heads(patterns.local(16), patterns.strided(8))
+    assert rows[0]["flops_fwd"] == pattern.pairs(64) * 4 * 16 * 2  # the head groups' mean pairs
+    try:
+        bench.main(["--pattern", "diagonal"])
+    except SystemExit as e:
+        assert "unknown attention pattern 'diagonal'" in str(e)
+    else:
+        raise AssertionError("an unknown pattern name must exit")

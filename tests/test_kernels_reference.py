@@ -34,8 +34,10 @@ def _naive(q, k, v, pattern, q_offset=0, k_offset=0):
     lse = np.full((b, h, tq), -np.inf)
     for bi in range(b):
         for hi in range(h):
+            # per-head patterns: equal contiguous head groups, group g with parts[g]
+            head_pattern = pattern.parts[hi * len(pattern.parts) // h] if pattern.kind == "heads" else pattern
             for t in range(tq):
-                keys = [s for s in range(k.shape[1]) if _visible(pattern, q_offset + t, k_offset + s)]
+                keys = [s for s in range(k.shape[1]) if _visible(head_pattern, q_offset + t, k_offset + s)]
                 if not keys:
                     continue
                 scores = np.array([q[bi, t, hi] @ k[bi, s, hi // group] for s in keys]) / np.sqrt(d)
@@ -92,3 +94,17 @@ def test_keys_per_row_and_pairs_match_the_mask():
         m = pattern.mask(pos, pos)
         assert [pattern.keys_per_row(i) for i in range(42)] == m.sum(1).tolist()
         assert pattern.pairs(42) == m.sum()
+
+
+def test_per_head_patterns_match_naive_loop():
+    """heads(local, strided, fixed): 6 query heads in three groups of 2, over 3 kv heads (GQA)."""
+    pattern = patterns.heads(patterns.local(3), patterns.strided(4), patterns.fixed(4, 2))
+    keys = jax.random.split(jax.random.key(42), 3)
+    q = jax.random.normal(keys[0], (1, 12, 6, 8))
+    k, v = (jax.random.normal(kk, (1, 12, 3, 8)) for kk in keys[1:])
+    out, lse = reference_attention(q, k, v, pattern, return_lse=True)
+    ref_out, ref_lse = _naive(q, k, v, pattern)
+    np.testing.assert_allclose(out, ref_out, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(lse, ref_lse, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="multiple of 3"):
+        reference_attention(q[:, :, :4], k[:, :, :2], v[:, :, :2], pattern)

@@ -192,3 +192,15 @@ def test_in_place_and_transposed_give_the_same_result(monkeypatch):
     assert chosen and not any(lay.in_place for lay in chosen)
     for name, a, b in zip(("out", "dq", "dk", "dv"), in_place, transposed):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6, err_msg=name)
+
+
+def test_per_head_patterns_run_each_group_through_the_kernel():
+    """heads(local, local_strided): the dispatcher gives each head group to the kernel with its own pattern."""
+    pattern = patterns.heads(patterns.local(16), patterns.local_strided(8, 16))
+    q, k, v, do = _inputs(13, 1, 128, 4, 2, 32, jnp.float32)
+    run = lambda impl: jax.vjp(lambda q, k, v: kernels.sparse_attention(
+        q, k, v, pattern, impl=impl, block_q=32, block_k=32, interpret=INTERPRET), q, k, v)
+    (out, vjp), (ref_out, ref_vjp) = run("pallas_tpu"), run("reference")
+    assert _rel(out, ref_out) < 1e-5
+    for g, r in zip(vjp(do), ref_vjp(do)):
+        assert _rel(g, r) < 1e-5

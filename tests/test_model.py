@@ -95,6 +95,9 @@ def test_validation_errors():
     cfg = tiny_config(model=dict(block_size=72))
     with pytest.raises(ValueError, match="block_size=72 is not a multiple of 16"):
         GPTConfig.from_config(cfg, 100).validate()
+    cfg = tiny_config(attention=dict(schedule=("local/strided/dense",)))  # 2 heads in 3 groups
+    with pytest.raises(ValueError, match="splits the heads into 3 groups"):
+        GPTConfig.from_config(cfg, 100).validate()
 
 
 @pytest.mark.parametrize("backend,impl,pattern,want", [

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels.patterns import dense, fixed, from_name, local, local_strided, strided
+from kernels.patterns import dense, fixed, from_name, heads, local, local_strided, strided
 from kernels.reference import reference_attention
 
 PATTERNS = [dense(), local(7), strided(5), local_strided(8, 8), local_strided(12, 5), local_strided(3, 8), fixed(8, 2)]
@@ -72,3 +72,17 @@ def test_from_name_and_errors():
         from_name("diagonal")
     with pytest.raises(ValueError, match="not a multiple of 8"):
         local_strided(8, 8).check_seq_len(60)
+
+
+def test_per_head_patterns():
+    p = from_name("local/strided", window=4, stride=6)
+    assert p == heads(local(4), strided(6)) and str(p) == "heads(local(window=4) | strided(stride=6))"
+    assert p.seq_multiple == 6 and from_name("fixed/strided", block=4, c=1, stride=6).seq_multiple == 12
+    t = 40  # each head group computes its own pattern's pairs: a head on average the mean
+    assert p.pairs(t) == (local(4).pairs(t) + strided(6).pairs(t)) / 2
+    with pytest.raises(ValueError, match="one mask per head group"):
+        p.mask(np.arange(4), np.arange(4))
+    with pytest.raises(ValueError, match="two or more"):
+        heads(local(4))
+    with pytest.raises(ValueError, match="multiple of 2"):
+        p.check_heads(3)

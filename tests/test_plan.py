@@ -84,6 +84,6 @@ def test_plan_cli_sparse_attention_counts_fewer_pairs():
     proc = run_cli("gpt_jax.plan", "--config", "experiments/gpt3_small_sparse.py", "--mesh", "data=8")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "6 x local_strided(window=256, stride=256)" in proc.stdout and "6 x dense" in proc.stdout
-    assert "reads 264 keys per layer" in proc.stdout  # 256 band + 2048 / 256 strided
+    assert "reads 264 keys per head and layer" in proc.stdout  # 256 band + 2048 / 256 strided
     bad = run_cli("gpt_jax.plan", "--config", "experiments/gpt3_small.py", "--mesh", "data=0")
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: ")
