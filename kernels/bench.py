@@ -1,4 +1,4 @@
-"""Attention benchmark: our kernel against cuDNN, XLA, the reference and FlexAttention.
+"""Attention benchmark: our kernel against cuDNN, splash attention, XLA, the reference and FlexAttention.
 
     python -m kernels.bench --pattern local_strided --window 256 --stride 256 \
         --seq 2048,8192,32768 --tokens 32768 --heads 16 --head-dim 128 --dtype bfloat16 --out runs/bench
@@ -32,8 +32,7 @@ import kernels
 from kernels import patterns
 from kernels.errors import NotAvailable, UnsupportedInput
 
-ALL_IMPLS = ("ours", "cudnn_dense", "cudnn_band", "xla_mask", "reference", "flex")
-# Variants of our GPU kernel, by the kernels.pallas_gpu switches they set while timed.
+ALL_IMPLS = ("ours", "cudnn_dense", "cudnn_band", "splash", "xla_mask", "reference", "flex")
 # Switches of our kernels per variant, as {module: {name: value}}: ping-pong off (GPU forward), and the
 # strided pass on XLA-transposed copies instead of in place (both backends).
 VARIANTS = {"default": {}, "no-pingpong": {"pallas_gpu": {"PINGPONG": False}},
@@ -69,6 +68,12 @@ def _jax_alternative(name, pattern, seq, batch, heads, head_dim, dtype, interpre
             raise NotAvailable("no kernel for this platform; --interpret runs the TPU interpreter")
         impl = "pallas_tpu" if impl == "reference" else impl
         return (lambda q, k, v: kernels.sparse_attention(q, k, v, pattern, impl=impl, block_k=block_k)), pattern
+    if name == "splash":
+        try:
+            from kernels.bench_splash import splash_attention
+        except ImportError as e:
+            raise NotAvailable(f"splash attention is not importable: {e}") from None
+        return splash_attention(pattern, seq, heads, head_dim, interpret), pattern
     if name in ("cudnn_dense", "cudnn_band"):
         if not _on_gpu():
             raise NotAvailable("cuDNN needs a CUDA GPU")
@@ -207,7 +212,8 @@ def parse_args(argv=None):
     p.add_argument("--impls", default=",".join(ALL_IMPLS), help=f"comma-separated subset of {ALL_IMPLS}")
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--interpret", action="store_true", help="time our TPU kernel in the CPU interpreter")
+    p.add_argument("--interpret", action="store_true", help="time our TPU kernel and splash attention in the CPU "
+                   "interpreter")
     p.add_argument("--block-k", default="", help="comma-separated key blocks to time our kernel at, one row "
                    "each (default: the kernel's own choice)")
     p.add_argument("--variants", default="default", help="comma-separated variants of our kernel, one row "

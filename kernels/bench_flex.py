@@ -31,23 +31,10 @@ def _torch():
 
 
 def mask_mod_for(pattern):
-    """The pattern as a FlexAttention mask_mod (the same definition as Pattern.mask)."""
-    kind, w, s, blk, c = pattern.kind, pattern.window, pattern.stride, pattern.block, pattern.c
-
-    def mask_mod(b, h, q_idx, kv_idx):
-        d = q_idx - kv_idx
-        causal = d >= 0
-        if kind == "dense":
-            return causal
-        if kind == "local":
-            return causal & (d < w)
-        if kind == "strided":
-            return causal & (d % s == 0)
-        if kind == "local_strided":
-            return causal & ((d < w) | (d % s == 0))
-        return causal & ((q_idx // blk == kv_idx // blk) | (kv_idx % blk >= blk - c))
-
-    return mask_mod
+    """The pattern as a FlexAttention mask_mod: Pattern.visible on torch index tensors."""
+    if pattern.kind == "heads":
+        raise NotAvailable("per-head patterns are not wired to FlexAttention here")
+    return lambda b, h, q_idx, kv_idx: pattern.visible(q_idx, kv_idx)
 
 
 def _median_ms(torch, fn, repeats, warmup):

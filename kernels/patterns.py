@@ -73,15 +73,13 @@ class Pattern:
                 f"sequence length {seq_len} is not a multiple of {m}, which pattern {self} needs; "
                 f"use a length that is a multiple of {m}")
 
-    def mask(self, q_pos, k_pos, xp=np):
-        """Boolean mask [..., Tq, Tk] for query positions q_pos [Tq] and key positions k_pos [Tk].
-
-        `xp` is numpy or jax.numpy, so the same definition serves tests and traced code.
-        Per-head patterns have one mask per head group: use `parts`.
-        """
+    def visible(self, i, j):
+        """Whether query position i sees key position j, elementwise over broadcastable integer arrays.
+        Only operators are used, so numpy, jax (inside kernels too) and torch arrays all work: the
+        masks of the reference, of splash attention and of FlexAttention are this one definition."""
         if self.kind == "heads":
             raise ValueError(f"{self} has one mask per head group; take each part's mask")
-        d = q_pos[:, None] - k_pos[None, :]
+        d = i - j
         causal = d >= 0
         if self.kind == "dense":
             return causal
@@ -91,9 +89,15 @@ class Pattern:
             return causal & (d % self.stride == 0)
         if self.kind == "local_strided":
             return causal & ((d < self.window) | (d % self.stride == 0))
-        same_block = (q_pos[:, None] // self.block) == (k_pos[None, :] // self.block)
-        summary = (k_pos[None, :] % self.block) >= (self.block - self.c)
+        same_block = (i // self.block) == (j // self.block)
+        summary = (j % self.block) >= (self.block - self.c)
         return causal & (same_block | summary)
+
+    def mask(self, q_pos, k_pos, xp=np):
+        """Boolean mask [Tq, Tk] for query positions q_pos [Tq] and key positions k_pos [Tk] (numpy or
+        jax arrays; `xp` is kept for callers that name the array module). Per-head patterns have one
+        mask per head group: use `parts`."""
+        return self.visible(q_pos[:, None], k_pos[None, :])
 
     def keys_per_row(self, i: int) -> float:
         """Number of keys query i attends to, by formula (tests check it against the mask); for per-head
