@@ -1,4 +1,5 @@
-"""Shared test helpers. Tests run on CPU; GPU-only tests carry the `gpu` marker and skip without one."""
+"""Shared test helpers. Tests run on CPU; GPU-only and TPU-only tests carry the `gpu` / `tpu` markers and
+skip without one."""
 
 from __future__ import annotations
 
@@ -13,17 +14,18 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped without one)")
+    config.addinivalue_line("markers", "tpu: needs a TPU (skipped without one)")
 
 
 def pytest_collection_modifyitems(config, items):
     import jax
 
-    if jax.default_backend() == "gpu":
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU")
-    for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+    backend = jax.default_backend()
+    for marker, name in (("gpu", "a CUDA GPU"), ("tpu", "a TPU")):
+        if backend != marker:
+            for item in items:
+                if marker in item.keywords:
+                    item.add_marker(pytest.mark.skip(reason=f"needs {name}"))
 
 
 def tiny_config(**sections):
