@@ -14,6 +14,9 @@ attention.schedule changes between runs (BENCHMARKS.md has the table and the loo
 
     python -m gpt_jax.train --config experiments/schedules_cpu.py --workdir runs/sched_gpt3 \\
         "--config.attention.schedule=('dense','local_strided')"
+
+Validation loss at step 600, mean of two seeds: fixed 1.792, merged 1.977, local only 2.030,
+per-head 2.061, interleaved 2.071, GPT-3 2.076, dense 2.087 (5-6 min per run on 2 CPU cores).
 """
 
 from gpt_jax.config import get_base_config
