@@ -17,10 +17,10 @@ def split(x, n: int, axis: int = 2):
     return jnp.split(x, n, axis=axis)
 
 
-def over_head_groups(fn, q, k, v, pattern: Pattern, *, axis: int = 2):
-    """fn(q_g, k_g, v_g, part) for each head group of a per-head pattern, concatenated along the heads."""
+def over_head_groups(fn, q, k, v, pattern: Pattern):
+    """fn(q_g, k_g, v_g, part) for each head group of a per-head pattern on [batch, seq, heads, head_dim]
+    arrays, concatenated along the heads."""
     n = len(pattern.parts)
-    pattern.check_heads(q.shape[axis], k.shape[axis])
-    outs = [fn(qg, kg, vg, part) for qg, kg, vg, part in zip(split(q, n, axis), split(k, n, axis),
-                                                             split(v, n, axis), pattern.parts)]
-    return jnp.concatenate(outs, axis=axis)
+    pattern.check_heads(q.shape[2], k.shape[2])
+    outs = [fn(qg, kg, vg, part) for qg, kg, vg, part in zip(split(q, n), split(k, n), split(v, n), pattern.parts)]
+    return jnp.concatenate(outs, axis=2)
