@@ -17,6 +17,7 @@ from jax.experimental.pallas.ops.tpu import splash_attention as splash
 from jax.experimental.pallas.ops.tpu.splash_attention.splash_attention_mask import _ComputableMask
 
 from kernels.errors import NotAvailable
+from kernels.head_groups import pattern_per_head
 from kernels.patterns import Pattern
 
 
@@ -34,20 +35,13 @@ class PatternMask(_ComputableMask):
         return hash((PatternMask, self.shape, self.pattern))
 
 
-def _head_patterns(pattern: Pattern, heads: int) -> list[Pattern]:
-    if pattern.kind != "heads":
-        return [pattern] * heads
-    pattern.check_heads(heads)
-    return [pattern.parts[h * len(pattern.parts) // heads] for h in range(heads)]
-
-
 @functools.lru_cache(maxsize=16)
 def _kernel(pattern: Pattern, seq: int, heads: int, interpret: bool):
     # Building the block metadata evaluates the mask block by block on the host: once per shape.
     block = min(512, seq)
     sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
                               block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
-    mask = splash.MultiHeadMask([PatternMask(seq, p) for p in _head_patterns(pattern, heads)])
+    mask = splash.MultiHeadMask([PatternMask(seq, p) for p in pattern_per_head(pattern, heads)])
     return splash.make_splash_mha_single_device(mask, block_sizes=sizes, interpret=interpret)
 
 

@@ -17,6 +17,14 @@ def split(x, n: int, axis: int = 2):
     return jnp.split(x, n, axis=axis)
 
 
+def pattern_per_head(pattern: Pattern, heads: int) -> list[Pattern]:
+    """The pattern each of `heads` heads computes (for implementations that take one mask per head)."""
+    if pattern.kind != "heads":
+        return [pattern] * heads
+    pattern.check_heads(heads)
+    return [pattern.parts[h * len(pattern.parts) // heads] for h in range(heads)]
+
+
 def over_head_groups(fn, q, k, v, pattern: Pattern):
     """fn(q_g, k_g, v_g, part) for each head group of a per-head pattern on [batch, seq, heads, head_dim]
     arrays, concatenated along the heads."""
