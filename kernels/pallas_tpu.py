@@ -13,8 +13,9 @@ rowsum(dO * o))) with a dq kernel on the forward lists and a dk/dv kernel on the
 the last pass adds the first one's f32 gradients before it writes them.
 
 The public entry takes [batch, seq, heads, head_dim]. Where the tiles allow it (head_dim a multiple of
-128, tiles within one residue) the kernels read and write those arrays in place through free reshapes;
-otherwise XLA transposes them per pass (kernels/pallas_tpu_layout.py). Grouped-query attention: the
+128, or a divisor of it with as many kv heads as query heads; tiles within one residue) the kernels
+read and write those arrays in place through free reshapes; otherwise XLA transposes them per pass
+(kernels/pallas_tpu_layout.py). Grouped-query attention: the
 kernels index kv head h // group; dk/dv are computed per query head and summed over each group in XLA.
 """
 
@@ -29,7 +30,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from kernels.errors import UnsupportedInput, check_pattern_and_shapes
 from kernels.pallas_tpu_kernels import pass_backward, pass_forward
-from kernels.pallas_tpu_layout import TileLayout
+from kernels.pallas_tpu_layout import TileLayout, heads_per_block
 from kernels.patterns import Pattern
 from kernels.schedule import Pass, passes_for
 
@@ -120,8 +121,9 @@ class _PassPlan:
         return acc.reshape(b, t // blk, blk, h, d).at[:, :, blk - c:].add(g).reshape(b, t, h, d)
 
 
-def _plan(pattern, q, block_q, block_k) -> list[_PassPlan]:
-    t, d = q.shape[1], q.shape[3]
+def _plan(pattern, q, k, block_q, block_k) -> list[_PassPlan]:
+    t, heads, d = q.shape[1:]
+    kv_heads = k.shape[2]
     plan = []
     for p in passes_for(pattern, t):
         bq, bk, n_keys = block_q, block_k, t
@@ -131,10 +133,19 @@ def _plan(pattern, q, block_q, block_k) -> list[_PassPlan]:
             n_keys = t // p.mask.block * p.mask.c
             bk = min(bk, _round_up(n_keys, 8))
             n_keys = _round_up(n_keys, bk)
-        q_layout = TileLayout.choose(t, p.stride or 1, d, (bq, bk) if n_keys == t else (bq,))
-        kv_layout = q_layout if n_keys == t else TileLayout.choose(n_keys, 1, d, (bk,))
-        plan.append(_PassPlan(p, bq, bk, q_layout, kv_layout))
+        plan.append(_PassPlan(p, bq, bk, *_layouts(t, p.stride or 1, n_keys, d, bq, bk, heads, kv_heads)))
     return plan
+
+
+def _layouts(t, stride, n_keys, d, bq, bk, heads, kv_heads) -> tuple[TileLayout, TileLayout]:
+    """A pass's query-side and key-side layouts. Tiles of several heads need both sides in place, so
+    if one side cannot be, both take one head a tile."""
+    for per_block in sorted({heads_per_block(d, heads, kv_heads), 1}, reverse=True):
+        q_layout = TileLayout.choose(t, stride, d, (bq, bk) if n_keys == t else (bq,), per_block)
+        kv_layout = q_layout if n_keys == t else TileLayout.choose(n_keys, 1, d, (bk,), per_block)
+        if q_layout.heads_per_block == kv_layout.heads_per_block:
+            return q_layout, kv_layout
+    raise AssertionError("one head a tile always gives matching layouts")
 
 
 def _forward(q, k, v, pattern, block_q, block_k, interpret):
@@ -142,7 +153,7 @@ def _forward(q, k, v, pattern, block_q, block_k, interpret):
     Each pass after the first starts from the previous passes' (o, lse), so the last one writes the
     merged output; in place, no [B, T, H, D] array is copied on the way."""
     b, _, h, _ = q.shape
-    plan = _plan(pattern, q, block_q, block_k)
+    plan = _plan(pattern, q, k, block_q, block_k)
     o = lse = None
     for n, pp in enumerate(plan):
         last = n == len(plan) - 1
@@ -163,7 +174,7 @@ def _backward(q, k, v, o, lse, do, pattern, block_q, block_k, interpret):
     hk = k.shape[2]
     # rowsum(dO * o) as a contraction over head_dim: XLA writes [B, H, T] directly, no elementwise pass
     delta = jnp.einsum("bthd,bthd->bht", do, o, preferred_element_type=jnp.float32)
-    plan = _plan(pattern, q, block_q, block_k)
+    plan = _plan(pattern, q, k, block_q, block_k)
     dq = dk = dv = None
     for n, pp in enumerate(plan):
         last = n == len(plan) - 1

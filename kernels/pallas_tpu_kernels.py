@@ -8,11 +8,17 @@ as a `partial` and finish the job in its epilogue:
 - forward: the earlier (o, lse) start the online softmax (m = lse, l = 1, acc = o is the state that
   one block with exactly that output and log-sum-exp leaves), so the last pass writes the merged o;
 - backward: the earlier f32 dq (or dk, dv) is added before the last pass writes its dtype.
+
+A tile may hold several adjacent heads (`TileLayout.heads_per_block`, head_dim 64 in place: two heads in
+one 128-lane block). The kernels then run each head's slot with the other heads' lanes of q (or dO)
+zeroed, so one 128-deep contraction is that head's 64-deep one, and keep each product's own lanes.
+The MXU pads a 64-deep or 64-wide matmul to its 128 width anyway, so this costs no extra passes.
 """
 
 from __future__ import annotations
 
 import functools
+import operator
 
 import jax
 import jax.numpy as jnp
@@ -44,6 +50,23 @@ def _visible(mask: DiagonalMask | SummaryMask, seq_len: int, r0, c0, rows: int, 
     return vis
 
 
+def _slot(x, j: int, head_dim: int, slots: int):
+    """x [rows, slots * head_dim] with every lane outside head slot j zeroed (x itself for one slot)."""
+    if slots == 1:
+        return x
+    lane = lax.broadcasted_iota(jnp.int32, x.shape, 1)
+    return jnp.where((lane >= j * head_dim) & (lane < (j + 1) * head_dim), x, 0)
+
+
+def _join_slots(parts, head_dim: int):
+    """One [rows, slots * head_dim] array from part j's lanes of slot j (part j may be [rows, 1])."""
+    if len(parts) == 1:
+        return parts[0]
+    width = head_dim * len(parts)
+    spread = [_slot(jnp.broadcast_to(x, (x.shape[0], width)), j, head_dim, len(parts)) for j, x in enumerate(parts)]
+    return functools.reduce(operator.add, spread)
+
+
 def _when_visited(kind, body):
     """Run body(apply_mask) for PARTIAL blocks with the mask, for FULL blocks without it."""
     pl.when(kind == PARTIAL)(lambda: body(True))
@@ -60,10 +83,17 @@ def _t_dot(a, b):
     return jnp.dot(a.T, b, preferred_element_type=jnp.float32)
 
 
+def _slots(layout: TileLayout, kv_layout: TileLayout) -> int:
+    """Heads per grid step; the query and key tiles must hold the same heads."""
+    if layout.heads_per_block != kv_layout.heads_per_block:
+        raise ValueError("q and kv layouts must hold the same number of heads per tile")
+    return layout.heads_per_block
+
+
 # --------------------------------------------------------------------------------------------- forward
 
 def _fwd_kernel(index_ref, kind_ref, q_ref, k_ref, v_ref, *refs, mask, seq_len, block_q, block_k, steps,
-                scale, has_partial):
+                scale, head_dim, slots, has_partial):
     if has_partial:
         o_part_ref, lse_part_ref, o_ref, lse_ref, m_sc, l_sc, acc_sc = refs
     else:
@@ -72,11 +102,11 @@ def _fwd_kernel(index_ref, kind_ref, q_ref, k_ref, v_ref, *refs, mask, seq_len, 
 
     @pl.when(s == 0)
     def _init():
-        if has_partial:  # rows the earlier pass saw nothing for have lse = -inf: start empty
+        if has_partial:  # rows the earlier pass saw nothing for have lse = -inf (and o = 0): start empty
             seen = lse_part_ref[...] > -jnp.inf
             m_sc[...] = jnp.where(seen, lse_part_ref[...], MASK_VALUE)
             l_sc[...] = seen.astype(jnp.float32)
-            acc_sc[...] = jnp.where(seen, o_part_ref[...].astype(jnp.float32), 0.0)
+            acc_sc[...] = o_part_ref[...].astype(jnp.float32)
         else:
             m_sc[...] = jnp.full(m_sc.shape, MASK_VALUE, jnp.float32)
             l_sc[...] = jnp.zeros(l_sc.shape, jnp.float32)
@@ -85,29 +115,35 @@ def _fwd_kernel(index_ref, kind_ref, q_ref, k_ref, v_ref, *refs, mask, seq_len, 
     flat = qt * steps + s
 
     def update(apply_mask):
-        scores = _dot_t(q_ref[...], k_ref[...]) * scale
+        q, k, v = q_ref[...], k_ref[...], v_ref[...]
         if apply_mask:
             vis = _visible(mask, seq_len, qt * block_q, index_ref[flat] * block_k, block_q, block_k)
-            scores = jnp.where(vis, scores, MASK_VALUE)
-        m_prev = m_sc[...]
-        m_new = jnp.maximum(m_prev, scores.max(axis=1, keepdims=True))
-        p = jnp.exp(scores - m_new)
-        if apply_mask:  # a row with no visible key in this tile must add nothing
-            p = jnp.where(vis, p, 0.0)
-        alpha = jnp.exp(m_prev - m_new)
-        l_sc[...] = alpha * l_sc[...] + p.sum(axis=1, keepdims=True)
-        acc_sc[...] = alpha * acc_sc[...] + jnp.dot(p.astype(v_ref.dtype), v_ref[...],
-                                                    preferred_element_type=jnp.float32)
-        m_sc[...] = m_new
+        alphas, pvs = [], []
+        for j in range(slots):
+            scores = _dot_t(_slot(q, j, head_dim, slots), k) * scale
+            if apply_mask:
+                scores = jnp.where(vis, scores, MASK_VALUE)
+            m_prev = m_sc[j]
+            m_new = jnp.maximum(m_prev, scores.max(axis=1, keepdims=True))
+            p = jnp.exp(scores - m_new)
+            if apply_mask:  # a row with no visible key in this tile must add nothing
+                p = jnp.where(vis, p, 0.0)
+            alpha = jnp.exp(m_prev - m_new)
+            l_sc[j] = alpha * l_sc[j] + p.sum(axis=1, keepdims=True)
+            m_sc[j] = m_new
+            alphas.append(alpha)
+            pvs.append(jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32))
+        acc_sc[...] = _join_slots(alphas, head_dim) * acc_sc[...] + _join_slots(pvs, head_dim)
 
     _when_visited(kind_ref[flat], update)
 
     @pl.when(s == steps - 1)
     def _finish():
-        l = l_sc[...]
+        l = l_sc[...]  # [slots, rows, 1]
         empty = l == 0.0  # no visible key in the whole pass: o = 0, lse = -inf
-        o_ref[...] = (acc_sc[...] / jnp.where(empty, 1.0, l)).astype(o_ref.dtype)
-        lse_ref[...] = jnp.where(empty, -jnp.inf, m_sc[...] + jnp.log(jnp.where(empty, 1.0, l)))
+        l = jnp.where(empty, 1.0, l)
+        o_ref[...] = (acc_sc[...] / _join_slots([l[j] for j in range(slots)], head_dim)).astype(o_ref.dtype)
+        lse_ref[...] = jnp.where(empty, -jnp.inf, m_sc[...] + jnp.log(l))
 
 
 def pass_forward(q, k, v, mask: DiagonalMask | SummaryMask, layout: TileLayout, *, batch, heads, kv_heads,
@@ -117,6 +153,7 @@ def pass_forward(q, k, v, mask: DiagonalMask | SummaryMask, layout: TileLayout, 
     Returns (o in `layout`, out_dtype; lse)."""
     t, d = layout.seq_len, layout.head_dim
     kv_layout = kv_layout or layout
+    slots = _slots(layout, kv_layout)
     group = heads // kv_heads
     sched = forward_schedule(mask, t, block_q, block_k, kv_layout.seq_len)
     index, kind = sched.flat()
@@ -125,17 +162,17 @@ def pass_forward(q, k, v, mask: DiagonalMask | SummaryMask, layout: TileLayout, 
     key_tile = lambda r, s, idx: idx[r * steps + s]
     q_spec = layout.spec(block_q, heads, own_tile, lambda h: h)
     kv_spec = kv_layout.spec(block_k, kv_heads, key_tile, lambda h: h // group)
-    lse_spec = rows_spec(block_q, own_tile)
+    lse_spec = rows_spec(block_q, slots, own_tile)
     in_specs = [q_spec, kv_spec, kv_spec] + ([q_spec, lse_spec] if partial is not None else [])
     kernel = functools.partial(_fwd_kernel, mask=mask, seq_len=t, block_q=block_q, block_k=block_k,
-                               steps=steps, scale=d ** -0.5, has_partial=partial is not None)
+                               steps=steps, scale=d ** -0.5, head_dim=d, slots=slots, has_partial=partial is not None)
     return pl.pallas_call(
         kernel,
         grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=2, grid=(batch, heads, t // block_q, steps),
+            num_scalar_prefetch=2, grid=(batch, heads // slots, t // block_q, steps),
             in_specs=in_specs, out_specs=[q_spec, lse_spec],
-            scratch_shapes=[pltpu.VMEM((block_q, 1), jnp.float32), pltpu.VMEM((block_q, 1), jnp.float32),
-                            pltpu.VMEM((block_q, d), jnp.float32)]),
+            scratch_shapes=[pltpu.VMEM((slots, block_q, 1), jnp.float32), pltpu.VMEM((slots, block_q, 1), jnp.float32),
+                            pltpu.VMEM((block_q, layout.width), jnp.float32)]),
         out_shape=[jax.ShapeDtypeStruct(layout.shape(batch, heads), out_dtype),
                    jax.ShapeDtypeStruct((batch, heads, t, 1), jnp.float32)],
         compiler_params=SEMANTICS, interpret=interpret, name="sparse_attention_fwd",
@@ -145,7 +182,7 @@ def pass_forward(q, k, v, mask: DiagonalMask | SummaryMask, layout: TileLayout, 
 # -------------------------------------------------------------------------------------------- backward
 
 def _dq_kernel(index_ref, kind_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, mask, seq_len,
-               block_q, block_k, steps, scale, has_partial):
+               block_q, block_k, steps, scale, head_dim, slots, has_partial):
     if has_partial:
         dq_part_ref, dq_ref, dq_sc = refs
     else:
@@ -159,14 +196,18 @@ def _dq_kernel(index_ref, kind_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_
     flat = qt * steps + s
 
     def update(apply_mask):
-        k = k_ref[...]
-        p = jnp.exp(_dot_t(q_ref[...], k) * scale - lse_ref[...])
+        q, k, v, do = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
         if apply_mask:
             vis = _visible(mask, seq_len, qt * block_q, index_ref[flat] * block_k, block_q, block_k)
-            p = jnp.where(vis, p, 0.0)
-        dp = _dot_t(do_ref[...], v_ref[...])
-        ds = p * (dp - delta_ref[...])
-        dq_sc[...] += jnp.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
+        dqs = []
+        for j in range(slots):
+            p = jnp.exp(_dot_t(_slot(q, j, head_dim, slots), k) * scale - lse_ref[j])
+            if apply_mask:
+                p = jnp.where(vis, p, 0.0)
+            dp = _dot_t(_slot(do, j, head_dim, slots), v)
+            ds = p * (dp - delta_ref[j])
+            dqs.append(jnp.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32))
+        dq_sc[...] += _join_slots(dqs, head_dim)
 
     _when_visited(kind_ref[flat], update)
 
@@ -179,7 +220,7 @@ def _dq_kernel(index_ref, kind_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_
 
 
 def _dkv_kernel(index_ref, kind_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, mask, seq_len,
-                block_q, block_k, steps, scale, has_partial):
+                block_q, block_k, steps, scale, head_dim, slots, has_partial):
     if has_partial:
         dk_part_ref, dv_part_ref, dk_ref, dv_ref, dk_sc, dv_sc = refs
     else:
@@ -194,15 +235,20 @@ def _dkv_kernel(index_ref, kind_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta
     flat = kt * steps + s
 
     def update(apply_mask):
-        q, do = q_ref[...], do_ref[...]
-        p = jnp.exp(_dot_t(q, k_ref[...]) * scale - lse_ref[...])  # [block_q, block_k]
+        q, k, v, do = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
         if apply_mask:
             vis = _visible(mask, seq_len, index_ref[flat] * block_q, kt * block_k, block_q, block_k)
-            p = jnp.where(vis, p, 0.0)
-        dv_sc[...] += _t_dot(p.astype(do.dtype), do)
-        dp = _dot_t(do, v_ref[...])
-        ds = p * (dp - delta_ref[...])
-        dk_sc[...] += _t_dot(ds.astype(q.dtype), q)
+        dks, dvs = [], []
+        for j in range(slots):
+            p = jnp.exp(_dot_t(_slot(q, j, head_dim, slots), k) * scale - lse_ref[j])  # [block_q, block_k]
+            if apply_mask:
+                p = jnp.where(vis, p, 0.0)
+            dvs.append(_t_dot(p.astype(do.dtype), do))
+            dp = _dot_t(_slot(do, j, head_dim, slots), v)
+            ds = p * (dp - delta_ref[j])
+            dks.append(_t_dot(ds.astype(q.dtype), q))
+        dk_sc[...] += _join_slots(dks, head_dim)
+        dv_sc[...] += _join_slots(dvs, head_dim)
 
     _when_visited(kind_ref[flat], update)
 
@@ -224,8 +270,10 @@ def pass_backward(q, k, v, do, lse, delta, mask: DiagonalMask | SummaryMask, lay
     Returns dq (dq_dtype, in `layout`) and dk, dv per query head (dkv_dtype, in `kv_layout`)."""
     t, n_keys = layout.seq_len, (kv_layout or layout).seq_len
     kv_layout = kv_layout or layout
+    slots = _slots(layout, kv_layout)
     group = heads // kv_heads
-    static = dict(mask=mask, seq_len=t, block_q=block_q, block_k=block_k, scale=layout.head_dim ** -0.5)
+    static = dict(mask=mask, seq_len=t, block_q=block_q, block_k=block_k, scale=layout.head_dim ** -0.5,
+                  head_dim=layout.head_dim, slots=slots)
     own_tile = lambda r, s, idx: r
     prefetch = lambda sched: tuple(jnp.asarray(a) for a in sched.flat())
 
@@ -234,14 +282,14 @@ def pass_backward(q, k, v, do, lse, delta, mask: DiagonalMask | SummaryMask, lay
     key_tile = lambda r, s, idx: idx[r * steps + s]
     q_row = layout.spec(block_q, heads, own_tile, lambda h: h)
     kv_col = kv_layout.spec(block_k, kv_heads, key_tile, lambda h: h // group)
-    stat_row = rows_spec(block_q, own_tile)
+    stat_row = rows_spec(block_q, slots, own_tile)
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, steps=steps, has_partial=dq_partial is not None, **static),
         grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=2, grid=(batch, heads, t // block_q, steps),
+            num_scalar_prefetch=2, grid=(batch, heads // slots, t // block_q, steps),
             in_specs=[q_row, kv_col, kv_col, q_row, stat_row, stat_row] + ([q_row] if dq_partial is not None else []),
             out_specs=q_row,
-            scratch_shapes=[pltpu.VMEM((block_q, layout.head_dim), jnp.float32)]),
+            scratch_shapes=[pltpu.VMEM((block_q, layout.width), jnp.float32)]),
         out_shape=jax.ShapeDtypeStruct(layout.shape(batch, heads), dq_dtype),
         compiler_params=SEMANTICS, interpret=interpret, name="sparse_attention_dq",
     )(*prefetch(fwd), q, k, v, do, lse, delta, *([dq_partial] if dq_partial is not None else []))
@@ -250,16 +298,16 @@ def pass_backward(q, k, v, do, lse, delta, mask: DiagonalMask | SummaryMask, lay
     steps = bwd.steps
     query_tile = lambda r, s, idx: idx[r * steps + s]
     q_col = layout.spec(block_q, heads, query_tile, lambda h: h)
-    stat_col = rows_spec(block_q, query_tile)
+    stat_col = rows_spec(block_q, slots, query_tile)
     kv_row = kv_layout.spec(block_k, kv_heads, own_tile, lambda h: h // group)
     dkv_row = kv_layout.spec(block_k, heads, own_tile, lambda h: h)  # per query head
     dk, dv = pl.pallas_call(
         functools.partial(_dkv_kernel, steps=steps, has_partial=dkv_partial is not None, **static),
         grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=2, grid=(batch, heads, n_keys // block_k, steps),
+            num_scalar_prefetch=2, grid=(batch, heads // slots, n_keys // block_k, steps),
             in_specs=[q_col, kv_row, kv_row, q_col, stat_col, stat_col] + [dkv_row] * len(dkv_partial or ()),
             out_specs=[dkv_row, dkv_row],
-            scratch_shapes=[pltpu.VMEM((block_k, layout.head_dim), jnp.float32)] * 2),
+            scratch_shapes=[pltpu.VMEM((block_k, layout.width), jnp.float32)] * 2),
         out_shape=[jax.ShapeDtypeStruct(kv_layout.shape(batch, heads), dkv_dtype)] * 2,
         compiler_params=SEMANTICS, interpret=interpret, name="sparse_attention_dkv",
     )(*prefetch(bwd), q, k, v, do, lse, delta, *(dkv_partial or ()))

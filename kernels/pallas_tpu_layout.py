@@ -9,8 +9,12 @@ see (rows, D) tiles of one head in that order. Two ways to lay the [B, T, H, D] 
   is one (rows, D) block: a strided DMA, no copy. Mosaic's (8, 128) tiling rule makes that block
   legal when D is a multiple of 128, and a tile must not straddle two residues (P % rows == 0).
   The band pass is the same view with S = 1, which saves the [B, H, T, D] transposes as well.
+  Heads narrower than 128 lanes (GPT-3 Small's 64) go in place in groups: a 128-lane block holds
+  128 // D adjacent heads and the kernels compute all of them per grid step (`heads_per_block`),
+  which needs as many kv heads as query heads, so that the block of k holds the same heads.
 - transposed (the fallback, and `IN_PLACE = False` to compare): XLA transposes to [B, H, T, D] in
-  the pass's flat order; it also serves packed residues (P smaller than a tile).
+  the pass's flat order; it serves packed residues (P smaller than a tile), head_dim neither a
+  multiple nor a divisor of 128, and narrow heads under grouped-query attention.
 
 The row statistics (lse, delta) are [B, H, T, 1] float32 in the pass's flat order in both cases: at
 B*H*T floats their transposes are small next to a [B, T, H, D] array.
@@ -27,19 +31,36 @@ IN_PLACE = True
 LANES = 128
 
 
+def heads_per_block(head_dim: int, heads: int, kv_heads: int) -> int:
+    """How many adjacent heads make an in-place block at least 128 lanes wide: 1 for head_dim a
+    multiple of 128; 128 // head_dim when head_dim divides 128, the heads split into such groups and
+    k, v have the same heads (a group of query heads must read one block of kv heads); else 1."""
+    if head_dim % LANES == 0 or LANES % head_dim or heads != kv_heads or heads % (LANES // head_dim):
+        return 1
+    return LANES // head_dim
+
+
 @dataclasses.dataclass(frozen=True)
 class TileLayout:
     seq_len: int
     stride: int  # 1: natural order; S: residue-major order of stride S
     head_dim: int
     in_place: bool
+    heads_per_block: int = 1  # adjacent heads a tile holds (in place only): its width is this * head_dim
 
     @classmethod
-    def choose(cls, seq_len: int, stride: int, head_dim: int, tile_rows) -> "TileLayout":
-        """In place when the tiles are legal blocks of the reshaped arrays, else transposed."""
+    def choose(cls, seq_len: int, stride: int, head_dim: int, tile_rows, heads_per_block: int = 1) -> "TileLayout":
+        """In place when the tiles are legal blocks of the reshaped arrays, else transposed (one head a tile)."""
         residue_len = seq_len // stride
-        fits = head_dim % LANES == 0 and all(residue_len % rows == 0 for rows in tile_rows)
-        return cls(seq_len, stride, head_dim, IN_PLACE and fits)
+        fits = (head_dim * heads_per_block) % LANES == 0 and all(residue_len % rows == 0 for rows in tile_rows)
+        if IN_PLACE and fits:
+            return cls(seq_len, stride, head_dim, True, heads_per_block)
+        return cls(seq_len, stride, head_dim, False)
+
+    @property
+    def width(self) -> int:
+        """Lanes of a tile."""
+        return self.head_dim * self.heads_per_block
 
     @property
     def residue_len(self) -> int:
@@ -78,23 +99,24 @@ class TileLayout:
         return x.reshape(b, h, self.stride, self.residue_len).swapaxes(2, 3).reshape(b, h, t)
 
     def spec(self, rows: int, heads: int, tile, head) -> pl.BlockSpec:
-        """BlockSpec of (rows, D) tiles for a grid (batch, head, tile, step) with two scalar-prefetched
-        lists: tile(r, s, idx) is the tile's index in the pass's flat order, head(h) its head in an
-        array of `heads` heads (h // group for k and v)."""
-        d = self.head_dim
+        """BlockSpec of (rows, width) tiles for a grid (batch, head block, tile, step) with two
+        scalar-prefetched lists: tile(r, s, idx) is the tile's index in the pass's flat order, head(h)
+        its block of heads_per_block heads in an array of `heads` heads (h // group for k and v)."""
         if not self.in_place:
-            return pl.BlockSpec((None, None, rows, d), lambda b, h, r, s, idx, knd: (b, head(h), tile(r, s, idx), 0))
+            return pl.BlockSpec((None, None, rows, self.head_dim),
+                                lambda b, h, r, s, idx, knd: (b, head(h), tile(r, s, idx), 0))
         per_residue = self.residue_len // rows
+        blocks_per_residue = heads // self.heads_per_block
 
         def index(b, h, r, s, idx, knd):
             t = tile(r, s, idx)
             if self.stride == 1:
                 return b, t, head(h)
-            return b, t % per_residue, (t // per_residue) * heads + head(h)
+            return b, t % per_residue, (t // per_residue) * blocks_per_residue + head(h)
 
-        return pl.BlockSpec((None, rows, d), index)
+        return pl.BlockSpec((None, rows, self.width), index)
 
 
-def rows_spec(rows: int, tile) -> pl.BlockSpec:
-    """BlockSpec of (rows, 1) tiles of the [B, H, T, 1] row statistics."""
-    return pl.BlockSpec((None, None, rows, 1), lambda b, h, r, s, idx, knd: (b, h, tile(r, s, idx), 0))
+def rows_spec(rows: int, heads_per_block: int, tile) -> pl.BlockSpec:
+    """BlockSpec of (heads_per_block, rows, 1) tiles of the [B, H, T, 1] row statistics."""
+    return pl.BlockSpec((None, heads_per_block, rows, 1), lambda b, h, r, s, idx, knd: (b, h, tile(r, s, idx), 0))

@@ -18,7 +18,7 @@ from kernels import patterns
 from kernels.errors import UnsupportedInput
 from kernels.pallas_tpu import sparse_attention_tpu
 from kernels.pallas_tpu_kernels import pass_forward
-from kernels.pallas_tpu_layout import TileLayout
+from kernels.pallas_tpu_layout import TileLayout, heads_per_block
 from kernels.reference import reference_attention
 from kernels.schedule import passes_for
 
@@ -53,9 +53,13 @@ CASES = [
     (patterns.local_strided(16, 8), 1, 256, 2, 1, 128, 32, 32, "in place: one tile per residue, GQA"),
     (patterns.local_strided(8, 4), 2, 256, 2, 2, 128, 32, 16, "in place: several tiles per residue"),
     (patterns.strided(8), 1, 128, 2, 2, 128, 16, 16, "in place: strided only"),
+    # narrower heads in place, several to a 128-lane tile (the GQA and 2-head cases above stay transposed)
+    (patterns.local_strided(16, 8), 1, 256, 4, 4, 64, 32, 32, "head_dim 64 in place: two heads a tile"),
+    (patterns.local_strided(8, 4), 1, 256, 4, 4, 32, 16, 32, "head_dim 32 in place: four heads a tile, bq < bk"),
     # fixed(block, c): block-diagonal causal, then the gathered summary keys of earlier blocks
     (patterns.fixed(16, 4), 1, 128, 2, 1, 32, 32, 16, "fixed: blocks smaller than a tile, GQA"),
     (patterns.fixed(32, 3), 1, 128, 2, 2, 128, 16, 16, "fixed: summary keys padded to a key block, in place"),
+    (patterns.fixed(32, 4), 1, 128, 2, 2, 64, 16, 16, "fixed: two heads a tile"),
     (patterns.fixed(8, 8), 1, 64, 1, 1, 32, 16, 16, "fixed with c = block is dense causal"),
 ]
 
@@ -148,21 +152,35 @@ def test_in_place_where_tiles_are_legal_blocks():
     assert not TileLayout.choose(2048, 256, 128, (128, 128)).in_place    # 8 rows: packed residues
     assert not TileLayout.choose(8192, 1, 64, (256, 256)).in_place       # 64 lanes: not a legal block
     assert not TileLayout.choose(24576, 256, 128, (128, 128)).in_place   # 96 rows: tiles would straddle
+    assert TileLayout.choose(8192, 1, 64, (256, 256), 2).in_place        # two heads of 64: 128 lanes
 
 
-def test_layouts_hold_the_same_tiles():
-    """Tile t of head h in the in-place layout is the same (rows, D) block as in the transposed one,
-    and both layouts (and the row statistics) go back to the natural order exactly."""
-    t, s, h, d, rows = 64, 4, 3, 128, 8
+def test_narrow_heads_share_a_tile_only_when_kv_heads_match():
+    assert heads_per_block(64, 12, 12) == 2    # GPT-3 Small
+    assert heads_per_block(32, 8, 8) == 4
+    assert heads_per_block(128, 16, 4) == 1    # already 128 lanes
+    assert heads_per_block(64, 12, 4) == 1     # GQA: two query heads of a tile would need one kv head's 64 lanes
+    assert heads_per_block(64, 3, 3) == 1      # an odd head out
+    assert heads_per_block(96, 16, 16) == 1    # 96 does not divide 128
+
+
+@pytest.mark.parametrize("h,d,n", [(3, 128, 1), (4, 64, 2)])
+def test_layouts_hold_the_same_tiles(h, d, n):
+    """Tile t of head block hb in the in-place layout (n heads of D lanes, side by side) holds the same
+    (rows, D) tiles of heads hb*n .. hb*n + n-1 as the transposed one, and both layouts (and the row
+    statistics) go back to the natural order exactly."""
+    t, s, rows = 64, 4, 8
     x = jax.random.normal(jax.random.key(11), (2, t, h, d))
-    in_place, copied = TileLayout(t, s, d, True), TileLayout(t, s, d, False)
+    in_place, copied = TileLayout(t, s, d, True, n), TileLayout(t, s, d, False)
     a, c = in_place.to(x), copied.to(x)
     per_residue = (t // s) // rows
     for tile in range(t // rows):
-        for head in range(h):
+        for hb in range(h // n):
             r, p0 = divmod(tile, per_residue)
-            block = a[:, p0 * rows:(p0 + 1) * rows, (r * h + head) * d:(r * h + head + 1) * d]
-            np.testing.assert_array_equal(block, c[:, head, tile * rows:(tile + 1) * rows])
+            lane0 = (r * (h // n) + hb) * n * d
+            block = a[:, p0 * rows:(p0 + 1) * rows, lane0:lane0 + n * d]
+            heads = [c[:, hb * n + j, tile * rows:(tile + 1) * rows] for j in range(n)]
+            np.testing.assert_array_equal(block, np.concatenate(heads, axis=-1))
     np.testing.assert_array_equal(in_place.back(a, h), x)
     np.testing.assert_array_equal(copied.back(c, h), x)
     stats = x[..., 0].transpose(0, 2, 1)  # [B, H, T]
