@@ -13,7 +13,7 @@ Same route as the TPU kernel (kernels/schedule.py, DESIGN.md "Making local+strid
                  ranges, dk/dv kernel over the transposed ranges); each pass's kernels add the
                  earlier passes' f32 gradients and the last writes the input dtype (XLA sums on
                  the fallback).
-The kernels themselves (wgmma, TMA ring buffers, a memory warpgroup) are in pallas_gpu_kernels.py.
+The kernels themselves are in pallas_gpu_kernels.py, the TMA ring and row copies they share in pallas_gpu_parts.py.
 
 Status (see kernels/NOTES.md): checked numerically on CPU in the Mosaic GPU interpreter and lowered
 for CUDA on CPU; not yet run on an H100. `VERIFIED_ON_GPU` gates `impl="auto"`.

@@ -19,7 +19,8 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from kernels import patterns
 from kernels.errors import UnsupportedInput
 from kernels.pallas_gpu import sparse_attention_gpu
-from kernels.pallas_gpu_kernels import PassConfig, pass_dkv, pass_dq, pass_forward
+from kernels.pallas_gpu_kernels import pass_dkv, pass_dq, pass_forward
+from kernels.pallas_gpu_parts import PassConfig
 from kernels.reference import reference_attention
 from kernels.schedule import DiagonalMask, merge_partials
 

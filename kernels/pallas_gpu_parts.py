@@ -1,0 +1,253 @@
+"""What the Mosaic GPU kernels of kernels/pallas_gpu_kernels.py share: the launch description
+(`PassConfig`), the TMA ring that streams blocks to the compute warpgroups, row copies in and out of
+[B, T, H, D] (in place for residue-major passes), masks, and the wgmma accumulate.
+
+A CTA owns `W` tiles of 64 rows (one per compute warpgroup) and one memory warpgroup that streams
+the other operand's blocks through a ring of `slots` shared-memory buffers with TMA:
+
+    memory WG   for blk in [cta_lo, cta_hi): wait consumed[slot]; TMA blk -> ring[slot], arrive ready[slot]
+    compute WG  for blk in [cta_lo, cta_hi): wait ready[slot]; work on it (or skip); arrive consumed[slot]
+
+[cta_lo, cta_hi) is the union of the warpgroups' own ranges from `schedule.row_tile_range` /
+`col_tile_range` (computed on int32 scalars in the kernel, so no block lists need to reach it). Each
+warpgroup runs five loops over that range: skip, masked, unmasked, masked, skip; a skipped block is
+still waited for and released, because Mosaic GPU barriers track their phase per waiter.
+
+Accumulation: `mma` adds a wgmma product to a register accumulator. Compiled, it passes the
+accumulator to wgmma (`pl.run_state`, as jax's attention_mgpu does); the GPU interpreter cannot run
+`run_state`, so under interpretation it computes the product in a fresh scoped accumulator and adds
+it. The arithmetic is the same; only that one call differs between the two modes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from kernels.schedule import DiagonalMask
+
+LOG2E = math.log2(math.e)
+LN2 = math.log(2.0)
+ROWS = 64  # rows of one compute warpgroup's tile (the wgmma M dimension)
+
+
+@dataclasses.dataclass(frozen=True)
+class PassConfig:
+    """Static description of one kernel launch (hashable)."""
+    mask: DiagonalMask
+    seq_len: int
+    block_q: int  # query rows per tile (fwd/dq: per warpgroup; dkv: streamed block)
+    block_k: int  # key rows per tile (fwd/dq: streamed block; dkv: per warpgroup)
+    compute_wgs: int = 2
+    slots: int = 2
+    interpret: object = False
+    # > 0: a residue-major pass read and written in place (see _row_pieces): the [B, T, H, D] arrays
+    # arrive reshaped to [B, T/S, S*H, D] (a free reshape), and flat row r*P + p is position p*S + r.
+    residues: int = 0
+    # Forward only: the two compute warpgroups take turns on the tensor cores (FA3's ping-pong, as
+    # jax's attention_mgpu does), so one's softmax overlaps the other's matmuls.
+    pingpong: bool = True
+
+    def dims(self, x):
+        """(batch, seq, heads, head_dim) of a [B, T, H, D] operand, however it arrived."""
+        b, _, h, d = x.shape
+        return b, self.seq_len, (h // self.residues if self.residues else h), d
+
+    def pieces(self, n: int) -> int:
+        """TMA copies that move n flat rows of one head: 1, or one per residue when residues are short."""
+        seg = self.seq_len // self.residues if self.residues else n
+        return max(1, n // seg)
+
+
+def div(a, b):
+    return lax.div(jnp.asarray(a, jnp.int32), jnp.asarray(b, jnp.int32))
+
+
+def transforms(dtype):
+    """TMA/wgmma shared-memory layout: 128-byte swizzle, tiles of (8, 128 bytes)."""
+    return (plgpu.TilingTransform((8, 128 // jnp.dtype(dtype).itemsize)), plgpu.SwizzleTransform(128))
+
+
+def mma(acc, a, b, interpret, after_issue=None):
+    """acc + a @ b with wgmma (acc None: a fresh product). a: registers or SMEM, b: SMEM.
+    after_issue (fresh products from SMEM only): runs between issuing the wgmma and waiting for it."""
+    def product(acc_ref):
+        plgpu.wgmma(acc_ref, a, b)
+        if after_issue is not None:
+            after_issue()
+        return acc_ref[...]
+    shape = (a.shape[0], b.shape[1])
+    in_regs = not hasattr(a, "transforms") and not hasattr(a, "ref")  # an array, not a (transformed) ref
+    if interpret and in_regs:
+        # The interpreter's wgmma takes SMEM operands only; the same product from the registers.
+        prod = jnp.dot(a, b[...], preferred_element_type=jnp.float32)
+        return prod if acc is None else acc + prod
+    if acc is None:
+        return pl.run_scoped(product, plgpu.ACC(shape, jnp.float32))
+    if interpret:
+        return acc + pl.run_scoped(product, plgpu.ACC(shape, jnp.float32))
+    return pl.run_state(lambda acc_ref: plgpu.wgmma(acc_ref, a, b))(plgpu.ACC.init(acc))
+
+
+def visible(mask: DiagonalMask, seq_len, queries0, keys0, shape, transposed=False):
+    """Boolean tile of `mask` in the WGMMA register layout, for queries i from queries0 and keys j
+    from keys0: i along dimension 0 and j along 1, or the other way round when transposed."""
+    qdim, kdim = (1, 0) if transposed else (0, 1)
+    i = queries0 + plgpu.broadcasted_iota(jnp.int32, shape, qdim, layout=plgpu.Layout.WGMMA)
+    j = keys0 + plgpu.broadcasted_iota(jnp.int32, shape, kdim, layout=plgpu.Layout.WGMMA)
+    d = i - j
+    vis = d >= mask.lo
+    if mask.hi < seq_len:
+        vis = vis & (d <= mask.hi)
+    if mask.seg_len < seq_len:  # packed residues: block-diagonal
+        seg = jnp.full(shape, mask.seg_len, jnp.int32)
+        vis = vis & (lax.div(i, seg) == lax.div(j, seg))
+    return vis
+
+
+def per_row(x, shape):
+    """[n] -> shape, x[i] filling row i (a row statistic against a [rows, cols] tile)."""
+    return lax.broadcast_in_dim(x, shape, [0])
+
+
+def per_col(x, shape):
+    """[n] -> shape, x[j] filling column j."""
+    return lax.broadcast_in_dim(x, shape, [1])
+
+
+def stream(wg, cfg: PassConfig, ranges, issue, step, ready, consumed, skipped=None):
+    """Run the memory warpgroup (issue(blk, slot) starts the TMA copies of block blk into ring slot)
+    and, on each compute warpgroup, step(blk, slot, carry, masked) over its own range.
+    ranges: per-warpgroup (lo, hi, full_lo, full_hi) of the calling warpgroup, and the CTA union.
+    skipped(): runs for each block of the union the warpgroup skips (to keep in step with the others).
+    Returns compute(carry) -> final carry, for the caller to run on its compute warpgroups."""
+    (lo, hi, f_lo, f_hi), (cta_lo, cta_hi) = ranges
+    slots = cfg.slots
+
+    @pl.when(wg == cfg.compute_wgs)
+    def _memory():
+        plgpu.set_max_registers(40, action="decrease")
+        for i in range(slots):
+            pl.when(cta_lo + i < cta_hi)(functools.partial(issue, cta_lo + i, i))
+
+        @pl.loop(cta_lo + slots, cta_hi)
+        def _refill(blk):
+            slot = lax.rem(blk - cta_lo, slots)
+            plgpu.barrier_wait(consumed.at[slot])
+            issue(blk, slot)
+
+        # Observe the last releases too, so every waiter has seen every phase of every barrier
+        # (the interpreter checks it; on the GPU it only keeps this warpgroup until the CTA ends).
+        @pl.loop(jnp.maximum(cta_lo, cta_hi - slots), cta_hi)
+        def _drain(blk):
+            plgpu.barrier_wait(consumed.at[lax.rem(blk - cta_lo, slots)])
+
+    def visit(mode, blk, carry):
+        slot = lax.rem(blk - cta_lo, slots)
+        plgpu.barrier_wait(ready.at[slot])
+        if mode != "skip":
+            carry = step(blk, slot, carry, mode == "masked")
+            if cfg.interpret:
+                # The interpreter orders generic-proxy reads before the next TMA (async proxy) write
+                # into the slot only through a proxy fence; on the GPU the mbarrier release suffices
+                # for this write-after-read (as in CUTLASS's TMA pipelines), so compiled code skips it.
+                plgpu.commit_smem()
+        elif skipped is not None:
+            skipped()
+        plgpu.barrier_arrive(consumed.at[slot])
+        return carry
+
+    def compute(carry):
+        plgpu.set_max_registers(232 if cfg.compute_wgs == 2 else 240, action="increase")
+        for mode, a, b in (("skip", cta_lo, lo), ("masked", lo, f_lo), ("full", f_lo, f_hi),
+                           ("masked", f_hi, hi), ("skip", hi, cta_hi)):
+            carry = lax.fori_loop(a, b, functools.partial(visit, mode), carry)
+        return carry
+
+    return compute
+
+
+def cta_ranges(range_fn, tile0, cfg: PassConfig, rows, blk, wg):
+    """Own range of warpgroup `wg` and the union over the CTA's warpgroups."""
+    per_wg = [range_fn(cfg.mask, cfg.seq_len, tile0 + w * rows, rows, blk, xp=jnp, div=div)
+              for w in range(cfg.compute_wgs)]
+    cta_lo = functools.reduce(jnp.minimum, [r[0] for r in per_wg])
+    cta_hi = jnp.maximum(functools.reduce(jnp.maximum, [r[1] for r in per_wg]), cta_lo)
+    own = range_fn(cfg.mask, cfg.seq_len, tile0 + wg * rows, rows, blk, xp=jnp, div=div)
+    return own, (cta_lo, cta_hi)
+
+
+def row_pieces(cfg: PassConfig, b, f0, n: int, head, heads: int):
+    """Where flat rows [f0, f0 + n) of one head live: a list of (GMEM index, SMEM row slice or None).
+
+    Natural layout: one piece, rows f0.. of the [B, T, H, D] array. Residue-major in place (arrays
+    [B, P, S*H, D], P = T/S; flat row r*P + p is position p*S + r, i.e. [b, p, r*H + head]): one
+    strided piece when the rows lie in one residue (P a multiple of n), else one piece per residue
+    (n a multiple of P), each filling P rows of the tile. pallas_gpu checks that one of them holds
+    and that P is a multiple of 8 (the swizzled tile's row group), so SMEM slices stay aligned."""
+    if not cfg.residues:
+        return [((b, pl.ds(f0, n), head), None)]
+    seg = cfg.seq_len // cfg.residues
+    if seg >= n:
+        return [((b, pl.ds(lax.rem(f0, seg), n), lax.div(f0, seg) * heads + head), None)]
+    r0 = lax.div(f0, seg)
+    return [((b, pl.ds(0, seg), (r0 + i) * heads + head), pl.ds(i * seg, seg)) for i in range(n // seg)]
+
+
+def load_rows(src, dst, barrier, pieces):
+    for index, rows in pieces:
+        plgpu.copy_gmem_to_smem(src.at[index], dst if rows is None else dst.at[rows], barrier)
+
+
+def store_rows(src, dst, pieces):
+    for index, rows in pieces:
+        plgpu.copy_smem_to_gmem(src if rows is None else src.at[rows], dst.at[index])
+
+
+def kv_issue(cfg: PassConfig, k_ref, v_ref, k_smem, v_smem, ready, b, kvh, kv_heads: int):
+    """The copies a pass issues for key block `blk` into ring slot `slot`: its K and V rows of kv
+    head `kvh`, all arriving on the slot's `ready` barrier (2 * cfg.pieces(block_k) arrivals)."""
+    bk = cfg.block_k
+
+    def issue(blk, slot):
+        pieces = row_pieces(cfg, b, blk * bk, bk, kvh, kv_heads)
+        load_rows(k_ref, k_smem.at[slot], ready.at[slot], pieces)
+        load_rows(v_ref, v_smem.at[slot], ready.at[slot], pieces)
+    return issue
+
+
+def write_rows(acc, rows, out_ref, f32_stage, low_stage, partial_bar=None):
+    """Store a warpgroup's f32 tile `acc` to `rows` of out_ref, in out_ref's dtype (staged through
+    f32_stage, or low_stage for 16-bit outputs). With partial_bar, an earlier pass's f32 partial was
+    sent into f32_stage on that barrier: it is added first, so the passes' sum never makes a round
+    trip through memory in XLA. Each thread reads and writes only its own WGMMA-layout elements."""
+    if partial_bar is not None:
+        plgpu.barrier_wait(partial_bar)
+        acc = acc + plgpu.load(f32_stage, layout=plgpu.Layout.WGMMA)
+    if out_ref.dtype == jnp.float32:
+        f32_stage[...] = acc
+        stage = f32_stage
+    else:
+        low_stage[...] = acc.astype(out_ref.dtype)
+        stage = low_stage
+    plgpu.commit_smem()  # also fences those generic reads before any later TMA write into f32_stage
+    store_rows(stage, out_ref, rows)
+
+
+def program():
+    return (lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("tiles"), lax.axis_index("wg"))
+
+
+def launch(body, cfg, out_type, scratch, grid):
+    return plgpu.kernel(body, out_type=out_type, scratch_types=scratch, grid=grid,
+                        grid_names=("heads", "tiles", "batch"), num_threads=cfg.compute_wgs + 1,
+                        thread_name="wg", compiler_params=plgpu.CompilerParams(approx_math=True),
+                        interpret=cfg.interpret)
+
+
