@@ -30,7 +30,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from kernels.errors import UnsupportedInput, check_pattern_and_shapes
 from kernels.pallas_tpu_kernels import pass_backward, pass_forward
-from kernels.pallas_tpu_layout import TileLayout, heads_per_block
+from kernels.pallas_tpu_layout import LANES, TileLayout, heads_per_block
 from kernels.patterns import Pattern
 from kernels.schedule import Pass, passes_for
 
@@ -81,6 +81,17 @@ def check_supported(q, k, v, pattern: Pattern, block_q: int, block_k: int) -> No
         if blk % 8 or t % blk:
             raise UnsupportedInput(f"{name}={blk} must be a multiple of 8 dividing the sequence length {t}")
     pattern.check_seq_len(t)
+
+
+def check_compiled_blocks(plan: list["_PassPlan"]) -> None:
+    """On a TPU (not in the interpreter) the backward's lane-dense row statistics come in (1, rows)
+    tiles, which Mosaic takes for rows a multiple of 128 or the whole sequence."""
+    for pp in plan:
+        if pp.block_q % LANES and pp.block_q != pp.q_layout.seq_len:
+            raise UnsupportedInput(
+                f"pallas_tpu on a TPU needs query tiles of a multiple of 128 rows or the whole sequence; "
+                f"block_q={pp.block_q} in a pass over {pp.q_layout.seq_len} rows (use a sequence length that is a "
+                f"multiple of 128, or block_q=128)")
 
 
 # ------------------------------------------------------------------------------------ passes, chained
@@ -181,7 +192,7 @@ def _backward(q, k, v, o, lse, do, pattern, block_q, block_k, interpret):
         lay = pp.q_layout
         chain_dkv = dk is not None and not pp.p.gathers_keys
         dq_p, dk_p, dv_p = pass_backward(
-            lay.to(q), pp.keys(k), pp.keys(v), lay.to(do), lay.rows_to(lse), lay.rows_to(delta), pp.p.mask, lay,
+            lay.to(q), pp.keys(k), pp.keys(v), lay.to(do), lay.lanes_to(lse), lay.lanes_to(delta), pp.p.mask, lay,
             kv_layout=pp.kv_layout, batch=b, heads=h, kv_heads=hk, block_q=pp.block_q, block_k=pp.block_k,
             dq_dtype=q.dtype if last else jnp.float32,
             dkv_dtype=k.dtype if last and hk == h and not pp.p.gathers_keys else jnp.float32,
@@ -230,6 +241,8 @@ def sparse_attention_tpu(q, k, v, pattern: Pattern, *, block_q: int | None = Non
     check_supported(q, k, v, pattern, block_q, block_k)
     if interpret is None:
         interpret = jax.default_backend() != "tpu"
+    if interpret is False:
+        check_compiled_blocks(_plan(pattern, q, k, block_q, block_k))
     if interpret is True:
         interpret = pltpu.InterpretParams()
     return _attention(q, k, v, pattern, block_q, block_k, interpret or False)

@@ -9,6 +9,10 @@ as a `partial` and finish the job in its epilogue:
   one block with exactly that output and log-sum-exp leaves), so the last pass writes the merged o;
 - backward: the earlier f32 dq (or dk, dv) is added before the last pass writes its dtype.
 
+The dk/dv kernel works on transposed scores, S^T = K Q^T [block_k, block_q] (as splash attention does):
+the lane-dense row statistics then broadcast along its sublanes, and dV = P^T dO, dK = dS^T Q are plain
+matmuls, with no transpose of P or dS in the loop.
+
 A tile may hold several adjacent heads (`TileLayout.heads_per_block`, head_dim 64 in place: two heads in
 one 128-lane block). The kernels then run each head's slot with the other heads' lanes of q (or dO)
 zeroed, so one 128-deep contraction is that head's 64-deep one, and keep each product's own lanes.
@@ -27,7 +31,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from kernels.pallas_tpu_layout import TileLayout, rows_spec
+from kernels.pallas_tpu_layout import TileLayout, lanes_spec, rows_spec
 from kernels.schedule import FULL, PARTIAL, DiagonalMask, SummaryMask, forward_schedule, transposed_schedule
 
 # A large finite negative instead of -inf, so that exp(m_prev - m_new) never sees -inf - -inf.
@@ -35,10 +39,12 @@ MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 SEMANTICS = pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary"))
 
 
-def _visible(mask: DiagonalMask | SummaryMask, seq_len: int, r0, c0, rows: int, cols: int):
-    """Boolean [rows, cols] tile of `mask` with the tile's first row r0 and first column c0."""
-    i = r0 + lax.broadcasted_iota(jnp.int32, (rows, cols), 0)
-    j = c0 + lax.broadcasted_iota(jnp.int32, (rows, cols), 1)
+def _visible(mask: DiagonalMask | SummaryMask, seq_len: int, r0, c0, rows: int, cols: int, transposed=False):
+    """Boolean [rows, cols] tile of `mask` with the tile's first row r0 and first column c0
+    ([cols, rows], keys along the sublanes, when transposed)."""
+    shape, row_axis = ((cols, rows), 1) if transposed else ((rows, cols), 0)
+    i = r0 + lax.broadcasted_iota(jnp.int32, shape, row_axis)
+    j = c0 + lax.broadcasted_iota(jnp.int32, shape, 1 - row_axis)
     if isinstance(mask, SummaryMask):  # gathered summary key j of an earlier block than query i's
         return j < lax.div(i, mask.block) * mask.c
     d = i - j
@@ -78,9 +84,19 @@ def _dot_t(a, b):
     return lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
 
 
-def _t_dot(a, b):
-    """a.T @ b with float32 accumulation (an explicit transpose, the form Mosaic lowers everywhere)."""
-    return jnp.dot(a.T, b, preferred_element_type=jnp.float32)
+def _dot(a, b):
+    """a @ b with float32 accumulation."""
+    return jnp.dot(a, b, preferred_element_type=jnp.float32)
+
+
+def _column(lanes_ref, j: int):
+    """Head slot j's lane-dense statistics (a (slots, 8, rows) tile) as a [rows, 1] column."""
+    return jnp.expand_dims(lanes_ref[j, 0], -1)
+
+
+def _row(lanes_ref, j: int):
+    """Head slot j's lane-dense statistics as a [1, rows] row."""
+    return lanes_ref[j, :1]
 
 
 def _slots(layout: TileLayout, kv_layout: TileLayout) -> int:
@@ -201,12 +217,12 @@ def _dq_kernel(index_ref, kind_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_
             vis = _visible(mask, seq_len, qt * block_q, index_ref[flat] * block_k, block_q, block_k)
         dqs = []
         for j in range(slots):
-            p = jnp.exp(_dot_t(_slot(q, j, head_dim, slots), k) * scale - lse_ref[j])
+            p = jnp.exp(_dot_t(_slot(q, j, head_dim, slots), k) * scale - _column(lse_ref, j))
             if apply_mask:
                 p = jnp.where(vis, p, 0.0)
             dp = _dot_t(_slot(do, j, head_dim, slots), v)
-            ds = p * (dp - delta_ref[j])
-            dqs.append(jnp.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32))
+            ds = p * (dp - _column(delta_ref, j))
+            dqs.append(_dot(ds.astype(k.dtype), k))
         dq_sc[...] += _join_slots(dqs, head_dim)
 
     _when_visited(kind_ref[flat], update)
@@ -237,16 +253,16 @@ def _dkv_kernel(index_ref, kind_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta
     def update(apply_mask):
         q, k, v, do = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
         if apply_mask:
-            vis = _visible(mask, seq_len, index_ref[flat] * block_q, kt * block_k, block_q, block_k)
+            vis = _visible(mask, seq_len, index_ref[flat] * block_q, kt * block_k, block_q, block_k, transposed=True)
         dks, dvs = [], []
-        for j in range(slots):
-            p = jnp.exp(_dot_t(_slot(q, j, head_dim, slots), k) * scale - lse_ref[j])  # [block_q, block_k]
+        for j in range(slots):  # transposed scores [block_k, block_q], statistics as [1, block_q] rows
+            p = jnp.exp(_dot_t(k, _slot(q, j, head_dim, slots)) * scale - _row(lse_ref, j))
             if apply_mask:
                 p = jnp.where(vis, p, 0.0)
-            dvs.append(_t_dot(p.astype(do.dtype), do))
-            dp = _dot_t(_slot(do, j, head_dim, slots), v)
-            ds = p * (dp - delta_ref[j])
-            dks.append(_t_dot(ds.astype(q.dtype), q))
+            dvs.append(_dot(p.astype(do.dtype), do))
+            dp = _dot_t(v, _slot(do, j, head_dim, slots))
+            ds = p * (dp - _row(delta_ref, j))
+            dks.append(_dot(ds.astype(q.dtype), q))
         dk_sc[...] += _join_slots(dks, head_dim)
         dv_sc[...] += _join_slots(dvs, head_dim)
 
@@ -265,8 +281,8 @@ def pass_backward(q, k, v, do, lse, delta, mask: DiagonalMask | SummaryMask, lay
                   kv_heads, block_q, block_k, dq_dtype, dkv_dtype, kv_layout: TileLayout | None = None,
                   dq_partial=None, dkv_partial=None, interpret=False):
     """Gradients of one pass. q, do, dq_partial in `layout`; k, v, dkv_partial in `kv_layout` (default:
-    `layout`); lse, delta [B, H, T, 1] f32 in the pass's order. The partials (None or the earlier passes'
-    f32 dq, and (dk, dv) per query head) are added before writing.
+    `layout`); lse, delta lane-dense, [B, H, 8, T] f32 in the pass's order (`TileLayout.lanes_to`).
+    The partials (None or the earlier passes' f32 dq, and (dk, dv) per query head) are added before writing.
     Returns dq (dq_dtype, in `layout`) and dk, dv per query head (dkv_dtype, in `kv_layout`)."""
     t, n_keys = layout.seq_len, (kv_layout or layout).seq_len
     kv_layout = kv_layout or layout
@@ -282,7 +298,7 @@ def pass_backward(q, k, v, do, lse, delta, mask: DiagonalMask | SummaryMask, lay
     key_tile = lambda r, s, idx: idx[r * steps + s]
     q_row = layout.spec(block_q, heads, own_tile, lambda h: h)
     kv_col = kv_layout.spec(block_k, kv_heads, key_tile, lambda h: h // group)
-    stat_row = rows_spec(block_q, slots, own_tile)
+    stat_row = lanes_spec(block_q, slots, own_tile)
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, steps=steps, has_partial=dq_partial is not None, **static),
         grid_spec=pltpu.PrefetchScalarGridSpec(
@@ -298,7 +314,7 @@ def pass_backward(q, k, v, do, lse, delta, mask: DiagonalMask | SummaryMask, lay
     steps = bwd.steps
     query_tile = lambda r, s, idx: idx[r * steps + s]
     q_col = layout.spec(block_q, heads, query_tile, lambda h: h)
-    stat_col = rows_spec(block_q, slots, query_tile)
+    stat_col = lanes_spec(block_q, slots, query_tile)
     kv_row = kv_layout.spec(block_k, kv_heads, own_tile, lambda h: h // group)
     dkv_row = kv_layout.spec(block_k, heads, own_tile, lambda h: h)  # per query head
     dk, dv = pl.pallas_call(

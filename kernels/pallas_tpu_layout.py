@@ -16,19 +16,25 @@ see (rows, D) tiles of one head in that order. Two ways to lay the [B, T, H, D] 
   the pass's flat order; it serves packed residues (P smaller than a tile), head_dim neither a
   multiple nor a divisor of 128, and narrow heads under grouped-query attention.
 
-The row statistics (lse, delta) are [B, H, T, 1] float32 in the pass's flat order in both cases: at
-B*H*T floats their transposes are small next to a [B, T, H, D] array.
+The row statistics (lse, delta) are B*H*T float32 in the pass's flat order in both layouts; at that
+size their transposes are small next to a [B, T, H, D] array. The forward keeps them as columns,
+[B, H, T, 1], since its softmax state is per row and they cross HBM once per query tile. The backward
+takes them lane-dense, [B, H, 8, T], each row repeated on the 8 sublanes of a tile (as jax's splash
+attention does for its dk/dv kernel): that kernel reloads them at every step, and a (rows, 1)
+column tile pads its one lane to 128 in HBM under the (8, 128) tiling, where (8, rows) pads nothing.
 """
 
 from __future__ import annotations
 
 import dataclasses
 
+import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 # Switch for comparing the two layouts on a TPU (kernels.bench --variants transposed).
 IN_PLACE = True
 LANES = 128
+SUBLANES = 8
 
 
 def heads_per_block(head_dim: int, heads: int, kv_heads: int) -> int:
@@ -93,6 +99,13 @@ class TileLayout:
         b, h, t = x.shape
         return x.reshape(b, h, self.residue_len, self.stride).swapaxes(2, 3).reshape(b, h, t, 1)
 
+    def lanes_to(self, x):
+        """Row statistics [B, H, T] in natural order -> [B, H, 8, T] in this pass's order (lane-dense,
+        repeated on 8 sublanes)."""
+        b, h, t = x.shape
+        x = x.reshape(b, h, self.residue_len, self.stride).swapaxes(2, 3).reshape(b, h, 1, t)
+        return jnp.broadcast_to(x, (b, h, SUBLANES, t))
+
     def rows_back(self, x):
         """[B, H, T, 1] in this pass's order -> [B, H, T] natural."""
         b, h, t, _ = x.shape
@@ -118,5 +131,12 @@ class TileLayout:
 
 
 def rows_spec(rows: int, heads_per_block: int, tile) -> pl.BlockSpec:
-    """BlockSpec of (heads_per_block, rows, 1) tiles of the [B, H, T, 1] row statistics."""
+    """BlockSpec of (heads_per_block, rows, 1) tiles of the [B, H, T, 1] row statistics (columns)."""
     return pl.BlockSpec((None, heads_per_block, rows, 1), lambda b, h, r, s, idx, knd: (b, h, tile(r, s, idx), 0))
+
+
+def lanes_spec(rows: int, heads_per_block: int, tile) -> pl.BlockSpec:
+    """BlockSpec of (heads_per_block, 8, rows) tiles of the [B, H, 8, T] lane-dense row statistics. On a
+    TPU, rows must be a multiple of 128 or the whole sequence (pallas_tpu.check_compiled_blocks)."""
+    return pl.BlockSpec((None, heads_per_block, SUBLANES, rows),
+                        lambda b, h, r, s, idx, knd: (b, h, 0, tile(r, s, idx)))

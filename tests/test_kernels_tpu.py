@@ -186,6 +186,9 @@ def test_layouts_hold_the_same_tiles(h, d, n):
     stats = x[..., 0].transpose(0, 2, 1)  # [B, H, T]
     np.testing.assert_array_equal(copied.rows_back(copied.rows_to(stats)), stats)
     np.testing.assert_array_equal(copied.rows_to(stats)[..., 0], c[..., 0])
+    lanes = in_place.lanes_to(stats)  # the backward's [B, H, 8, T]: the same order, on every sublane
+    np.testing.assert_array_equal(lanes, np.broadcast_to(copied.rows_to(stats)[:, :, None, :, 0], lanes.shape))
+    assert lanes.shape == (2, h, 8, t)
 
 
 def test_in_place_and_transposed_give_the_same_result(monkeypatch):
