@@ -8,7 +8,8 @@ The model calls `attend(q, k, v, pattern, impl)`; this file decides which implem
 | sparse  | kernels.sparse_attention  | kernels.sparse_attention  | kernels.sparse_attention |
 
 `kernels.sparse_attention(impl="auto")` picks our Pallas kernel for the backend and falls back to
-the masked reference (with a warning) for shapes the kernel cannot take.
+the masked reference (with a warning) for shapes the kernel cannot take. On a mesh it runs on each
+device's shard of the batch and heads (gpt_jax/kernel_sharding.py).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import jax
 
 import kernels
+from gpt_jax.kernel_sharding import per_shard
 from kernels.head_groups import over_head_groups
 from kernels.patterns import Pattern
 from kernels.reference import reference_attention
@@ -41,7 +43,7 @@ def attend(q, k, v, pattern: Pattern, impl: str = "auto"):
             return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
         if impl == "pallas" or (impl == "auto" and _backend() == "tpu"):
             # XLA would materialize [seq, seq] scores per head; the flash-style kernel does not.
-            return kernels.sparse_attention(q, k, v, pattern, impl="auto")
+            return _kernel(q, k, v, pattern)
         return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="xla")
 
     if pattern.kind == "local" and impl == "cudnn":
@@ -50,4 +52,10 @@ def attend(q, k, v, pattern: Pattern, impl: str = "auto"):
                                             local_window_size=(pattern.window - 1, 0))
     if impl in ("xla", "cudnn"):
         return reference_attention(q, k, v, pattern)
-    return kernels.sparse_attention(q, k, v, pattern, impl="auto")
+    return _kernel(q, k, v, pattern)
+
+
+def _kernel(q, k, v, pattern: Pattern):
+    """kernels.sparse_attention, on each device's shard when the model runs on a mesh (a Pallas kernel
+    is not partitioned by XLA)."""
+    return per_shard(lambda q, k, v: kernels.sparse_attention(q, k, v, pattern, impl="auto"), q, k, v)

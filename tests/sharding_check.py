@@ -2,7 +2,8 @@
 
 Computes one step's loss and gradients of the same model and batch on a 1-device mesh and on
 data=2, fsdp=2, tensor=2, runs one full train step on each, and writes everything to an .npz
-for tests/test_sharding.py to compare.
+for tests/test_sharding.py to compare. attention.impl is "auto", the path a Pallas kernel takes (the
+reference stands in for it on CPU); the shapes that reach `kernels.sparse_attention` are recorded.
 """
 
 import json
@@ -10,6 +11,8 @@ import sys
 
 import jax
 import numpy as np
+
+import kernels
 
 from conftest import tiny_config
 from gpt_jax import sharding as shd
@@ -21,6 +24,15 @@ from gpt_jax.train_step import Trainer
 def main(out_path):
     assert jax.device_count() == 8, f"expected 8 fake devices, got {jax.device_count()}"
     cfg = tiny_config(model=dict(n_head=4))
+    cfg.attention.impl = "auto"
+    kernel_shapes = []
+    sparse_attention = kernels.sparse_attention
+
+    def recording(q, k, v, *args, **kwargs):
+        kernel_shapes.append([list(q.shape), list(k.shape)])
+        return sparse_attention(q, k, v, *args, **kwargs)
+
+    kernels.sparse_attention = recording
     model_cfg = GPTConfig.from_config(cfg, vocab_size=128)
     batch = np.asarray(jax.random.randint(jax.random.key(5), (8, model_cfg.block_size + 1), 0, 128), np.int32)
     results, specs = {}, {}
@@ -29,9 +41,11 @@ def main(out_path):
         mesh = shd.make_mesh(shape, devices=devices)
         trainer = Trainer(GPT(model_cfg), make_optimizer(cfg.train), mesh, cfg.sharding_rules)
         state = trainer.init_state(jax.random.key(0))
+        kernel_shapes.clear()
         batch_arr = jax.device_put(batch, trainer.batch_sharding)
         loss, grads = trainer.loss_and_grads(state.params, batch_arr)
         state, metrics = trainer.train_step(state, batch_arr, jax.random.key(1))
+        specs[f"{name}/kernel_shapes"] = list(kernel_shapes)
         results[f"{name}/loss"] = np.asarray(loss)
         results[f"{name}/step_loss"] = np.asarray(metrics["loss"])
         for path, g in jax.tree_util.tree_leaves_with_path(grads):

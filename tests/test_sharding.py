@@ -64,6 +64,36 @@ def test_parameter_shardings_follow_the_rules(sharded_results):
         assert got == spec, path
 
 
+def test_attention_kernel_runs_on_each_devices_shard(sharded_results):
+    """A Pallas kernel is not partitioned by XLA, so the model hands it each device's shard: on
+    data=2 x fsdp=2 x tensor=2 the [8, 64, 4, 16] activations reach it as [2, 64, 2, 16] blocks."""
+    _, specs = sharded_results
+    assert specs["single/kernel_shapes"] and specs["mesh/kernel_shapes"]
+    assert {tuple(map(tuple, s)) for s in specs["single/kernel_shapes"]} == {((8, 64, 4, 16), (8, 64, 4, 16))}
+    assert {tuple(map(tuple, s)) for s in specs["mesh/kernel_shapes"]} == {((2, 64, 2, 16), (2, 64, 2, 16))}
+
+
+def test_kernel_shard_spec_follows_the_rules_and_keeps_what_does_not_divide():
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import AbstractMesh, AxisType
+    from jax.sharding import PartitionSpec as P
+
+    from gpt_jax.config import DEFAULT_RULES
+    from gpt_jax.kernel_sharding import shard_spec
+
+    mesh = AbstractMesh((2, 2, 2), ("data", "fsdp", "tensor"), (AxisType.Auto,) * 3)
+    x = lambda b, h: jax.ShapeDtypeStruct((b, 64, h, 16), jnp.float32)
+    with nn.logical_axis_rules(DEFAULT_RULES):
+        assert shard_spec(mesh, x(8, 4), x(8, 4)) == P(("data", "fsdp"), None, "tensor", None)
+        assert shard_spec(mesh, x(1, 4), x(1, 4)) == P(None, None, "tensor", None)   # init's batch of 1
+        assert shard_spec(mesh, x(8, 4), x(8, 1)) == P(("data", "fsdp"), None, None, None)  # 1 kv head
+    with nn.logical_axis_rules((("act_length", "data"),) + DEFAULT_RULES):
+        with pytest.raises(UserError, match="sequence and head_dim unsharded"):
+            shard_spec(mesh, x(8, 4), x(8, 4))
+
+
 def test_mesh_shape_inference_and_errors():
     assert mesh_shape(dict(data=-1, fsdp=2, tensor=1), 8) == (4, 2, 1)
     with pytest.raises(UserError, match="= 8 devices, but 4 are available"):
