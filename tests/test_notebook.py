@@ -81,9 +81,9 @@ def test_notebook_runs_tiny(tmp_path, monkeypatch):
     assert text.startswith("def ") and len(text.rstrip("\n")) > len("def "), text  # the prompt, then new text
 
     # the kernel section: the bf16 kernel within 1e-2 of the f32 reference, and the benchmark's rows
-    errors = re.findall(r"(out|dq|dk|dv): relative error .* ([0-9.]+e[-+][0-9]+)", _stream_text(kernel))
-    assert [name for name, _ in errors] == ["out", "dq", "dk", "dv"]
-    assert all(float(err) < 1e-2 for _, err in errors), errors
+    errors = re.findall(r"head_dim (\d+) (out|dq|dk|dv): relative error .* ([0-9.]+e[-+][0-9]+)", _stream_text(kernel))
+    assert [(d, name) for d, name, _ in errors] == [(d, n) for d in ("128", "64") for n in ("out", "dq", "dk", "dv")]
+    assert all(float(err) < 1e-2 for _, _, err in errors), errors
     rows = json.loads((workdir / "attn_bench" / "bench.json").read_text())["rows"]
     assert {r["impl"]: r["status"] for r in rows} == {"ours": "ok", "ours:transposed": "ok", "splash": "ok",
                                                       "xla_mask": "ok", "reference": "ok"}
