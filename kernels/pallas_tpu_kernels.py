@@ -13,16 +13,13 @@ The dk/dv kernel works on transposed scores, S^T = K Q^T [block_k, block_q] (as 
 the lane-dense row statistics then broadcast along its sublanes, and dV = P^T dO, dK = dS^T Q are plain
 matmuls, with no transpose of P or dS in the loop.
 
-A tile may hold several adjacent heads (`TileLayout.heads_per_block`, head_dim 64 in place: two heads in
-one 128-lane block). The kernels then run each head's slot with the other heads' lanes of q (or dO)
-zeroed, so one 128-deep contraction is that head's 64-deep one, and keep each product's own lanes.
-The MXU pads a 64-deep or 64-wide matmul to its 128 width anyway, so this costs no extra passes.
+A tile may hold several adjacent heads (`TileLayout.heads_per_block`); the kernels loop over them in
+128-lane windows (kernels/pallas_tpu_heads.py), each head with its own softmax statistics.
 """
 
 from __future__ import annotations
 
 import functools
-import operator
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +28,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from kernels.pallas_tpu_heads import HeadLanes, column, row
 from kernels.pallas_tpu_layout import TileLayout, lanes_spec, rows_spec
 from kernels.schedule import FULL, PARTIAL, DiagonalMask, SummaryMask, forward_schedule, transposed_schedule
 
@@ -56,23 +54,6 @@ def _visible(mask: DiagonalMask | SummaryMask, seq_len: int, r0, c0, rows: int, 
     return vis
 
 
-def _slot(x, j: int, head_dim: int, slots: int):
-    """x [rows, slots * head_dim] with every lane outside head slot j zeroed (x itself for one slot)."""
-    if slots == 1:
-        return x
-    lane = lax.broadcasted_iota(jnp.int32, x.shape, 1)
-    return jnp.where((lane >= j * head_dim) & (lane < (j + 1) * head_dim), x, 0)
-
-
-def _join_slots(parts, head_dim: int):
-    """One [rows, slots * head_dim] array from part j's lanes of slot j (part j may be [rows, 1])."""
-    if len(parts) == 1:
-        return parts[0]
-    width = head_dim * len(parts)
-    spread = [_slot(jnp.broadcast_to(x, (x.shape[0], width)), j, head_dim, len(parts)) for j, x in enumerate(parts)]
-    return functools.reduce(operator.add, spread)
-
-
 def _when_visited(kind, body):
     """Run body(apply_mask) for PARTIAL blocks with the mask, for FULL blocks without it."""
     pl.when(kind == PARTIAL)(lambda: body(True))
@@ -89,16 +70,6 @@ def _dot(a, b):
     return jnp.dot(a, b, preferred_element_type=jnp.float32)
 
 
-def _column(lanes_ref, j: int):
-    """Head slot j's lane-dense statistics (a (slots, 8, rows) tile) as a [rows, 1] column."""
-    return jnp.expand_dims(lanes_ref[j, 0], -1)
-
-
-def _row(lanes_ref, j: int):
-    """Head slot j's lane-dense statistics as a [1, rows] row."""
-    return lanes_ref[j, :1]
-
-
 def _slots(layout: TileLayout, kv_layout: TileLayout) -> int:
     """Heads per grid step; the query and key tiles must hold the same heads."""
     if layout.heads_per_block != kv_layout.heads_per_block:
@@ -109,7 +80,7 @@ def _slots(layout: TileLayout, kv_layout: TileLayout) -> int:
 # --------------------------------------------------------------------------------------------- forward
 
 def _fwd_kernel(index_ref, kind_ref, q_ref, k_ref, v_ref, *refs, mask, seq_len, block_q, block_k, steps,
-                scale, head_dim, slots, has_partial):
+                scale, tile: HeadLanes, has_partial):
     if has_partial:
         o_part_ref, lse_part_ref, o_ref, lse_ref, m_sc, l_sc, acc_sc = refs
     else:
@@ -131,34 +102,36 @@ def _fwd_kernel(index_ref, kind_ref, q_ref, k_ref, v_ref, *refs, mask, seq_len, 
     flat = qt * steps + s
 
     def update(apply_mask):
-        q, k, v = q_ref[...], k_ref[...], v_ref[...]
         if apply_mask:
             vis = _visible(mask, seq_len, qt * block_q, index_ref[flat] * block_k, block_q, block_k)
-        alphas, pvs = [], []
-        for j in range(slots):
-            scores = _dot_t(_slot(q, j, head_dim, slots), k) * scale
-            if apply_mask:
-                scores = jnp.where(vis, scores, MASK_VALUE)
-            m_prev = m_sc[j]
-            m_new = jnp.maximum(m_prev, scores.max(axis=1, keepdims=True))
-            p = jnp.exp(scores - m_new)
-            if apply_mask:  # a row with no visible key in this tile must add nothing
-                p = jnp.where(vis, p, 0.0)
-            alpha = jnp.exp(m_prev - m_new)
-            l_sc[j] = alpha * l_sc[j] + p.sum(axis=1, keepdims=True)
-            m_sc[j] = m_new
-            alphas.append(alpha)
-            pvs.append(jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32))
-        acc_sc[...] = _join_slots(alphas, head_dim) * acc_sc[...] + _join_slots(pvs, head_dim)
+        for lanes, heads in tile.windows():
+            q, k, v = q_ref[:, lanes], k_ref[:, lanes], v_ref[:, lanes]
+            alphas, pvs = [], []
+            for j, slot in heads:
+                scores = _dot_t(tile.slot(q, slot), k) * scale
+                if apply_mask:
+                    scores = jnp.where(vis, scores, MASK_VALUE)
+                m_prev = m_sc[j]
+                m_new = jnp.maximum(m_prev, scores.max(axis=1, keepdims=True))
+                p = jnp.exp(scores - m_new)
+                if apply_mask:  # a row with no visible key in this tile must add nothing
+                    p = jnp.where(vis, p, 0.0)
+                alpha = jnp.exp(m_prev - m_new)
+                l_sc[j] = alpha * l_sc[j] + p.sum(axis=1, keepdims=True)
+                m_sc[j] = m_new
+                alphas.append(alpha)
+                pvs.append(_dot(p.astype(v.dtype), v))
+            acc_sc[:, lanes] = tile.join(alphas) * acc_sc[:, lanes] + tile.join(pvs)
 
     _when_visited(kind_ref[flat], update)
 
     @pl.when(s == steps - 1)
     def _finish():
-        l = l_sc[...]  # [slots, rows, 1]
+        l = l_sc[...]  # [heads, rows, 1]
         empty = l == 0.0  # no visible key in the whole pass: o = 0, lse = -inf
         l = jnp.where(empty, 1.0, l)
-        o_ref[...] = (acc_sc[...] / _join_slots([l[j] for j in range(slots)], head_dim)).astype(o_ref.dtype)
+        for lanes, heads in tile.windows():
+            o_ref[:, lanes] = (acc_sc[:, lanes] / tile.join([l[j] for j, _ in heads])).astype(o_ref.dtype)
         lse_ref[...] = jnp.where(empty, -jnp.inf, m_sc[...] + jnp.log(l))
 
 
@@ -181,7 +154,7 @@ def pass_forward(q, k, v, mask: DiagonalMask | SummaryMask, layout: TileLayout, 
     lse_spec = rows_spec(block_q, slots, own_tile)
     in_specs = [q_spec, kv_spec, kv_spec] + ([q_spec, lse_spec] if partial is not None else [])
     kernel = functools.partial(_fwd_kernel, mask=mask, seq_len=t, block_q=block_q, block_k=block_k,
-                               steps=steps, scale=d ** -0.5, head_dim=d, slots=slots, has_partial=partial is not None)
+                               steps=steps, scale=d ** -0.5, tile=HeadLanes(slots, d), has_partial=partial is not None)
     return pl.pallas_call(
         kernel,
         grid_spec=pltpu.PrefetchScalarGridSpec(
@@ -198,7 +171,7 @@ def pass_forward(q, k, v, mask: DiagonalMask | SummaryMask, layout: TileLayout, 
 # -------------------------------------------------------------------------------------------- backward
 
 def _dq_kernel(index_ref, kind_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, mask, seq_len,
-               block_q, block_k, steps, scale, head_dim, slots, has_partial):
+               block_q, block_k, steps, scale, tile: HeadLanes, has_partial):
     if has_partial:
         dq_part_ref, dq_ref, dq_sc = refs
     else:
@@ -212,18 +185,19 @@ def _dq_kernel(index_ref, kind_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_
     flat = qt * steps + s
 
     def update(apply_mask):
-        q, k, v, do = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
         if apply_mask:
             vis = _visible(mask, seq_len, qt * block_q, index_ref[flat] * block_k, block_q, block_k)
-        dqs = []
-        for j in range(slots):
-            p = jnp.exp(_dot_t(_slot(q, j, head_dim, slots), k) * scale - _column(lse_ref, j))
-            if apply_mask:
-                p = jnp.where(vis, p, 0.0)
-            dp = _dot_t(_slot(do, j, head_dim, slots), v)
-            ds = p * (dp - _column(delta_ref, j))
-            dqs.append(_dot(ds.astype(k.dtype), k))
-        dq_sc[...] += _join_slots(dqs, head_dim)
+        for lanes, heads in tile.windows():
+            q, k, v, do = q_ref[:, lanes], k_ref[:, lanes], v_ref[:, lanes], do_ref[:, lanes]
+            dqs = []
+            for j, slot in heads:
+                p = jnp.exp(_dot_t(tile.slot(q, slot), k) * scale - column(lse_ref, j))
+                if apply_mask:
+                    p = jnp.where(vis, p, 0.0)
+                dp = _dot_t(tile.slot(do, slot), v)
+                ds = p * (dp - column(delta_ref, j))
+                dqs.append(_dot(ds.astype(k.dtype), k))
+            dq_sc[:, lanes] += tile.join(dqs)
 
     _when_visited(kind_ref[flat], update)
 
@@ -236,7 +210,7 @@ def _dq_kernel(index_ref, kind_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_
 
 
 def _dkv_kernel(index_ref, kind_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, mask, seq_len,
-                block_q, block_k, steps, scale, head_dim, slots, has_partial):
+                block_q, block_k, steps, scale, tile: HeadLanes, has_partial):
     if has_partial:
         dk_part_ref, dv_part_ref, dk_ref, dv_ref, dk_sc, dv_sc = refs
     else:
@@ -251,20 +225,21 @@ def _dkv_kernel(index_ref, kind_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta
     flat = kt * steps + s
 
     def update(apply_mask):
-        q, k, v, do = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
         if apply_mask:
             vis = _visible(mask, seq_len, index_ref[flat] * block_q, kt * block_k, block_q, block_k, transposed=True)
-        dks, dvs = [], []
-        for j in range(slots):  # transposed scores [block_k, block_q], statistics as [1, block_q] rows
-            p = jnp.exp(_dot_t(k, _slot(q, j, head_dim, slots)) * scale - _row(lse_ref, j))
-            if apply_mask:
-                p = jnp.where(vis, p, 0.0)
-            dvs.append(_dot(p.astype(do.dtype), do))
-            dp = _dot_t(v, _slot(do, j, head_dim, slots))
-            ds = p * (dp - _row(delta_ref, j))
-            dks.append(_dot(ds.astype(q.dtype), q))
-        dk_sc[...] += _join_slots(dks, head_dim)
-        dv_sc[...] += _join_slots(dvs, head_dim)
+        for lanes, heads in tile.windows():
+            q, k, v, do = q_ref[:, lanes], k_ref[:, lanes], v_ref[:, lanes], do_ref[:, lanes]
+            dks, dvs = [], []
+            for j, slot in heads:  # transposed scores [block_k, block_q], statistics as [1, block_q] rows
+                p = jnp.exp(_dot_t(k, tile.slot(q, slot)) * scale - row(lse_ref, j))
+                if apply_mask:
+                    p = jnp.where(vis, p, 0.0)
+                dvs.append(_dot(p.astype(do.dtype), do))
+                dp = _dot_t(v, tile.slot(do, slot))
+                ds = p * (dp - row(delta_ref, j))
+                dks.append(_dot(ds.astype(q.dtype), q))
+            dk_sc[:, lanes] += tile.join(dks)
+            dv_sc[:, lanes] += tile.join(dvs)
 
     _when_visited(kind_ref[flat], update)
 
@@ -289,7 +264,7 @@ def pass_backward(q, k, v, do, lse, delta, mask: DiagonalMask | SummaryMask, lay
     slots = _slots(layout, kv_layout)
     group = heads // kv_heads
     static = dict(mask=mask, seq_len=t, block_q=block_q, block_k=block_k, scale=layout.head_dim ** -0.5,
-                  head_dim=layout.head_dim, slots=slots)
+                  tile=HeadLanes(slots, layout.head_dim))
     own_tile = lambda r, s, idx: r
     prefetch = lambda sched: tuple(jnp.asarray(a) for a in sched.flat())
 

@@ -9,9 +9,11 @@ see (rows, D) tiles of one head in that order. Two ways to lay the [B, T, H, D] 
   is one (rows, D) block: a strided DMA, no copy. Mosaic's (8, 128) tiling rule makes that block
   legal when D is a multiple of 128, and a tile must not straddle two residues (P % rows == 0).
   The band pass is the same view with S = 1, which saves the [B, H, T, D] transposes as well.
-  Heads narrower than 128 lanes (GPT-3 Small's 64) go in place in groups: a 128-lane block holds
-  128 // D adjacent heads and the kernels compute all of them per grid step (`heads_per_block`),
-  which needs as many kv heads as query heads, so that the block of k holds the same heads.
+  A grid step takes `heads_per_block` adjacent heads, TILE_LANES lanes of them where the heads
+  allow: a step has a fixed cost (about 0.35 us), comparable to one head's 256 x 256 tile on the
+  MXU, and heads narrower than 128 lanes (GPT-3 Small's 64) need company to make a legal block at
+  all. Several heads a step needs as many kv heads as query heads, so that the block of k holds the
+  same heads.
 - transposed (the fallback, and `IN_PLACE = False` to compare): XLA transposes to [B, H, T, D] in
   the pass's flat order; it serves packed residues (P smaller than a tile), head_dim neither a
   multiple nor a divisor of 128, and narrow heads under grouped-query attention.
@@ -31,19 +33,24 @@ import dataclasses
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-# Switch for comparing the two layouts on a TPU (kernels.bench --variants transposed).
+# Switches for comparing layouts on a TPU (kernels.bench --variants transposed,head-per-step).
 IN_PLACE = True
+TILE_LANES = 256  # lanes of the heads one grid step takes in place (512 halves the steps again, at twice the VMEM)
 LANES = 128
 SUBLANES = 8
 
 
 def heads_per_block(head_dim: int, heads: int, kv_heads: int) -> int:
-    """How many adjacent heads make an in-place block at least 128 lanes wide: 1 for head_dim a
-    multiple of 128; 128 // head_dim when head_dim divides 128, the heads split into such groups and
-    k, v have the same heads (a group of query heads must read one block of kv heads); else 1."""
-    if head_dim % LANES == 0 or LANES % head_dim or heads != kv_heads or heads % (LANES // head_dim):
+    """Adjacent heads one in-place grid step takes: the most, up to TILE_LANES lanes, that divide the
+    heads and make a multiple of 128 lanes, when head_dim divides 128 or is a multiple of it and k, v
+    have the query heads' count (a group of query heads must read one block of kv heads); else 1.
+    (1 with a head_dim narrower than 128 leaves no legal in-place block: the layout is transposed.)"""
+    if heads != kv_heads or (head_dim % LANES and LANES % head_dim):
         return 1
-    return LANES // head_dim
+    for n in range(max(1, TILE_LANES // head_dim), 0, -1):
+        if heads % n == 0 and (n * head_dim) % LANES == 0:
+            return n
+    return 1
 
 
 @dataclasses.dataclass(frozen=True)

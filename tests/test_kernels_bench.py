@@ -52,14 +52,16 @@ def test_block_k_sweep_gives_our_kernel_one_row_per_block(tmp_path):
 def test_variants_set_the_kernel_switches_only_while_timed(monkeypatch):
     from kernels import pallas_gpu, pallas_tpu_layout
 
-    switches = lambda: (pallas_gpu.PINGPONG, pallas_gpu.STRIDED_IN_PLACE, pallas_tpu_layout.IN_PLACE)
+    switches = lambda: (pallas_gpu.PINGPONG, pallas_gpu.STRIDED_IN_PLACE, pallas_tpu_layout.IN_PLACE,
+                        pallas_tpu_layout.TILE_LANES)
     seen = []
     monkeypatch.setattr(bench, "_bench_jax", lambda *a: seen.append(switches()) or (patterns.dense(), 1.0, 2.0))
     rows = bench.main(["--seq", "128", "--tokens", "128", "--heads", "1", "--head-dim", "64", "--impls", "ours",
-                       "--variants", "default,no-pingpong,transposed"])
-    assert [r["impl"] for r in rows] == ["ours", "ours:no-pingpong", "ours:transposed"]
-    assert seen == [(True, True, True), (False, True, True), (True, False, False)]
-    assert switches() == (True, True, True)  # restored
+                       "--variants", "default,no-pingpong,transposed,head-per-step"])
+    assert [r["impl"] for r in rows] == ["ours", "ours:no-pingpong", "ours:transposed", "ours:head-per-step"]
+    assert seen == [(True, True, True, 256), (False, True, True, 256), (True, False, False, 256),
+                    (True, True, True, 128)]
+    assert switches() == (True, True, True, 256)  # restored
 
 
 def test_per_head_pattern_rows_and_bad_pattern_names():

@@ -53,13 +53,14 @@ CASES = [
     (patterns.local_strided(16, 8), 1, 256, 2, 1, 128, 32, 32, "in place: one tile per residue, GQA"),
     (patterns.local_strided(8, 4), 2, 256, 2, 2, 128, 32, 16, "in place: several tiles per residue"),
     (patterns.strided(8), 1, 128, 2, 2, 128, 16, 16, "in place: strided only"),
-    # narrower heads in place, several to a 128-lane tile (the GQA and 2-head cases above stay transposed)
-    (patterns.local_strided(16, 8), 1, 256, 4, 4, 64, 32, 32, "head_dim 64 in place: two heads a tile"),
-    (patterns.local_strided(8, 4), 1, 256, 4, 4, 32, 16, 32, "head_dim 32 in place: four heads a tile, bq < bk"),
+    # several heads a grid step: above, two of 128 lanes ("several tiles per residue"); here narrower heads,
+    # which share 128-lane windows (the GQA and 2-head cases with head_dim < 128 above stay transposed)
+    (patterns.local_strided(16, 8), 1, 256, 4, 4, 64, 32, 32, "head_dim 64 in place: four heads a step, two windows"),
+    (patterns.local_strided(8, 4), 1, 256, 4, 4, 32, 16, 32, "head_dim 32 in place: four heads a window, bq < bk"),
     # fixed(block, c): block-diagonal causal, then the gathered summary keys of earlier blocks
     (patterns.fixed(16, 4), 1, 128, 2, 1, 32, 32, 16, "fixed: blocks smaller than a tile, GQA"),
     (patterns.fixed(32, 3), 1, 128, 2, 2, 128, 16, 16, "fixed: summary keys padded to a key block, in place"),
-    (patterns.fixed(32, 4), 1, 128, 2, 2, 64, 16, 16, "fixed: two heads a tile"),
+    (patterns.fixed(32, 4), 1, 128, 2, 2, 64, 16, 16, "fixed: two heads a window"),
     (patterns.fixed(8, 8), 1, 64, 1, 1, 32, 16, 16, "fixed with c = block is dense causal"),
 ]
 
@@ -155,13 +156,17 @@ def test_in_place_where_tiles_are_legal_blocks():
     assert TileLayout.choose(8192, 1, 64, (256, 256), 2).in_place        # two heads of 64: 128 lanes
 
 
-def test_narrow_heads_share_a_tile_only_when_kv_heads_match():
-    assert heads_per_block(64, 12, 12) == 2    # GPT-3 Small
-    assert heads_per_block(32, 8, 8) == 4
-    assert heads_per_block(128, 16, 4) == 1    # already 128 lanes
+def test_heads_per_grid_step():
+    """Up to TILE_LANES = 256 lanes of heads a step, in multiples of 128 lanes, only when kv heads match."""
+    assert heads_per_block(64, 12, 12) == 4    # GPT-3 Small: two 128-lane windows of two heads
+    assert heads_per_block(32, 8, 8) == 8
+    assert heads_per_block(128, 16, 16) == 2
+    assert heads_per_block(256, 4, 4) == 1     # one head is already 256 lanes
+    assert heads_per_block(64, 6, 6) == 2      # 4 does not divide 6, and 3 heads are 192 lanes
+    assert heads_per_block(128, 16, 4) == 1    # GQA: one head a step
     assert heads_per_block(64, 12, 4) == 1     # GQA: two query heads of a tile would need one kv head's 64 lanes
     assert heads_per_block(64, 3, 3) == 1      # an odd head out
-    assert heads_per_block(96, 16, 16) == 1    # 96 does not divide 128
+    assert heads_per_block(96, 16, 16) == 1    # 96 neither divides 128 nor is a multiple of it
 
 
 @pytest.mark.parametrize("h,d,n", [(3, 128, 1), (4, 64, 2)])
