@@ -149,14 +149,16 @@ def _plan(pattern, q, k, block_q, block_k) -> list[_PassPlan]:
 
 
 def _layouts(t, stride, n_keys, d, bq, bk, heads, kv_heads) -> tuple[TileLayout, TileLayout]:
-    """A pass's query-side and key-side layouts. Tiles of several heads need both sides in place, so
-    if one side cannot be, both take one head a tile."""
-    for per_block in sorted({heads_per_block(d, heads, kv_heads), 1}, reverse=True):
-        q_layout = TileLayout.choose(t, stride, d, (bq, bk) if n_keys == t else (bq,), per_block)
-        kv_layout = q_layout if n_keys == t else TileLayout.choose(n_keys, 1, d, (bk,), per_block)
-        if q_layout.heads_per_block == kv_layout.heads_per_block:
+    """A pass's query-side and key-side layouts. The kernels index both sides' tiles alike, so with
+    several heads a tile both must be in place or both transposed; otherwise both take one head a tile."""
+    per_block = [(heads_per_block(d, heads, kv_heads), heads_per_block(d, heads, kv_heads, in_place=False)), (1, 1)]
+    for in_place_heads, stacked_heads in per_block:
+        q_layout = TileLayout.choose(t, stride, d, (bq, bk) if n_keys == t else (bq,), in_place_heads, stacked_heads)
+        kv_layout = q_layout if n_keys == t else TileLayout.choose(n_keys, 1, d, (bk,), in_place_heads, stacked_heads)
+        same = (q_layout.in_place, q_layout.heads_per_block) == (kv_layout.in_place, kv_layout.heads_per_block)
+        if same or q_layout.heads_per_block == kv_layout.heads_per_block == 1:
             return q_layout, kv_layout
-    raise AssertionError("one head a tile always gives matching layouts")
+    raise AssertionError("one head a tile always gives compatible layouts")
 
 
 def _forward(q, k, v, pattern, block_q, block_k, interpret):

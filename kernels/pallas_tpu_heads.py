@@ -1,9 +1,10 @@
 """How the heads of one TPU tile sit in its lanes, and the per-head pieces the kernels work on.
 
-In place, a grid step takes `heads` adjacent heads of head_dim lanes each (TileLayout.heads_per_block):
-several heads per step amortize the fixed cost of a grid step, and heads narrower than 128 lanes
-need company to make a legal block at all. The kernels read a tile in 128-lane-aligned windows of
-max(head_dim, 128) lanes (free static slices). A window of heads narrower than 128 holds 128 // head_dim
+A grid step takes `heads` adjacent heads (TileLayout.heads_per_block): several heads per step amortize
+the fixed cost of a grid step, and in place heads narrower than 128 lanes need company to make a
+legal block at all. Transposed, the tile is (heads, rows, head_dim) and head j is tile[j]. In place it
+is (rows, heads * head_dim), read in 128-lane-aligned windows of max(head_dim, 128) lanes (free static
+slices). A window of heads narrower than 128 holds 128 // head_dim
 of them; each head's matmuls then run on the window with the other heads' lanes of q (or dO) zeroed,
 so a 128-deep contraction is that head's own, and keep their own lanes of each 128-wide product. The
 MXU pads a 64-deep or 64-wide matmul to its width anyway, so the zeros should cost no extra passes.
@@ -25,21 +26,22 @@ from kernels.pallas_tpu_layout import LANES
 class HeadLanes:
     heads: int      # heads in the tile
     head_dim: int
+    stacked: bool = False  # (heads, rows, head_dim) tiles rather than (rows, heads * head_dim)
 
     @property
     def width(self) -> int:
-        """Lanes of one window: the whole tile for one head, else max(head_dim, 128)."""
-        return self.head_dim if self.heads == 1 else max(self.head_dim, LANES)
+        """Lanes of one window: one head's when stacked or alone, else max(head_dim, 128)."""
+        return self.head_dim if self.heads == 1 or self.stacked else max(self.head_dim, LANES)
 
     @property
     def per_window(self) -> int:
         return self.width // self.head_dim
 
     def windows(self):
-        """(lane slice, [(head, slot within the window), ...]) for each window of the tile."""
+        """(index of the window in a tile-shaped ref, [(head, slot within the window), ...]) per window."""
         for w in range(self.heads // self.per_window):
             heads = [(w * self.per_window + s, s) for s in range(self.per_window)]
-            yield slice(w * self.width, (w + 1) * self.width), heads
+            yield ((w,) if self.stacked else (slice(None), slice(w * self.width, (w + 1) * self.width))), heads
 
     def slot(self, x, s: int):
         """x [rows, window] with every lane outside slot s zeroed (x itself when a window is one head)."""

@@ -70,11 +70,11 @@ def _dot(a, b):
     return jnp.dot(a, b, preferred_element_type=jnp.float32)
 
 
-def _slots(layout: TileLayout, kv_layout: TileLayout) -> int:
-    """Heads per grid step; the query and key tiles must hold the same heads."""
-    if layout.heads_per_block != kv_layout.heads_per_block:
-        raise ValueError("q and kv layouts must hold the same number of heads per tile")
-    return layout.heads_per_block
+def _tile(layout: TileLayout, kv_layout: TileLayout) -> HeadLanes:
+    """How a grid step's heads sit in its tiles; the query and key tiles must hold the same heads alike."""
+    if (layout.heads_per_block, layout.stacked) != (kv_layout.heads_per_block, kv_layout.stacked):
+        raise ValueError("q and kv layouts must hold the same heads per tile, laid out alike")
+    return HeadLanes(layout.heads_per_block, layout.head_dim, layout.stacked)
 
 
 # --------------------------------------------------------------------------------------------- forward
@@ -104,8 +104,8 @@ def _fwd_kernel(index_ref, kind_ref, q_ref, k_ref, v_ref, *refs, mask, seq_len, 
     def update(apply_mask):
         if apply_mask:
             vis = _visible(mask, seq_len, qt * block_q, index_ref[flat] * block_k, block_q, block_k)
-        for lanes, heads in tile.windows():
-            q, k, v = q_ref[:, lanes], k_ref[:, lanes], v_ref[:, lanes]
+        for win, heads in tile.windows():
+            q, k, v = q_ref[win], k_ref[win], v_ref[win]
             alphas, pvs = [], []
             for j, slot in heads:
                 scores = _dot_t(tile.slot(q, slot), k) * scale
@@ -121,7 +121,7 @@ def _fwd_kernel(index_ref, kind_ref, q_ref, k_ref, v_ref, *refs, mask, seq_len, 
                 m_sc[j] = m_new
                 alphas.append(alpha)
                 pvs.append(_dot(p.astype(v.dtype), v))
-            acc_sc[:, lanes] = tile.join(alphas) * acc_sc[:, lanes] + tile.join(pvs)
+            acc_sc[win] = tile.join(alphas) * acc_sc[win] + tile.join(pvs)
 
     _when_visited(kind_ref[flat], update)
 
@@ -130,8 +130,8 @@ def _fwd_kernel(index_ref, kind_ref, q_ref, k_ref, v_ref, *refs, mask, seq_len, 
         l = l_sc[...]  # [heads, rows, 1]
         empty = l == 0.0  # no visible key in the whole pass: o = 0, lse = -inf
         l = jnp.where(empty, 1.0, l)
-        for lanes, heads in tile.windows():
-            o_ref[:, lanes] = (acc_sc[:, lanes] / tile.join([l[j] for j, _ in heads])).astype(o_ref.dtype)
+        for win, heads in tile.windows():
+            o_ref[win] = (acc_sc[win] / tile.join([l[j] for j, _ in heads])).astype(o_ref.dtype)
         lse_ref[...] = jnp.where(empty, -jnp.inf, m_sc[...] + jnp.log(l))
 
 
@@ -142,7 +142,8 @@ def pass_forward(q, k, v, mask: DiagonalMask | SummaryMask, layout: TileLayout, 
     Returns (o in `layout`, out_dtype; lse)."""
     t, d = layout.seq_len, layout.head_dim
     kv_layout = kv_layout or layout
-    slots = _slots(layout, kv_layout)
+    tile = _tile(layout, kv_layout)
+    slots = tile.heads
     group = heads // kv_heads
     sched = forward_schedule(mask, t, block_q, block_k, kv_layout.seq_len)
     index, kind = sched.flat()
@@ -154,14 +155,14 @@ def pass_forward(q, k, v, mask: DiagonalMask | SummaryMask, layout: TileLayout, 
     lse_spec = rows_spec(block_q, slots, own_tile)
     in_specs = [q_spec, kv_spec, kv_spec] + ([q_spec, lse_spec] if partial is not None else [])
     kernel = functools.partial(_fwd_kernel, mask=mask, seq_len=t, block_q=block_q, block_k=block_k,
-                               steps=steps, scale=d ** -0.5, tile=HeadLanes(slots, d), has_partial=partial is not None)
+                               steps=steps, scale=d ** -0.5, tile=tile, has_partial=partial is not None)
     return pl.pallas_call(
         kernel,
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=2, grid=(batch, heads // slots, t // block_q, steps),
             in_specs=in_specs, out_specs=[q_spec, lse_spec],
             scratch_shapes=[pltpu.VMEM((slots, block_q, 1), jnp.float32), pltpu.VMEM((slots, block_q, 1), jnp.float32),
-                            pltpu.VMEM((block_q, layout.width), jnp.float32)]),
+                            pltpu.VMEM(layout.tile_shape(block_q), jnp.float32)]),
         out_shape=[jax.ShapeDtypeStruct(layout.shape(batch, heads), out_dtype),
                    jax.ShapeDtypeStruct((batch, heads, t, 1), jnp.float32)],
         compiler_params=SEMANTICS, interpret=interpret, name="sparse_attention_fwd",
@@ -187,8 +188,8 @@ def _dq_kernel(index_ref, kind_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_
     def update(apply_mask):
         if apply_mask:
             vis = _visible(mask, seq_len, qt * block_q, index_ref[flat] * block_k, block_q, block_k)
-        for lanes, heads in tile.windows():
-            q, k, v, do = q_ref[:, lanes], k_ref[:, lanes], v_ref[:, lanes], do_ref[:, lanes]
+        for win, heads in tile.windows():
+            q, k, v, do = q_ref[win], k_ref[win], v_ref[win], do_ref[win]
             dqs = []
             for j, slot in heads:
                 p = jnp.exp(_dot_t(tile.slot(q, slot), k) * scale - column(lse_ref, j))
@@ -197,7 +198,7 @@ def _dq_kernel(index_ref, kind_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_
                 dp = _dot_t(tile.slot(do, slot), v)
                 ds = p * (dp - column(delta_ref, j))
                 dqs.append(_dot(ds.astype(k.dtype), k))
-            dq_sc[:, lanes] += tile.join(dqs)
+            dq_sc[win] += tile.join(dqs)
 
     _when_visited(kind_ref[flat], update)
 
@@ -227,8 +228,8 @@ def _dkv_kernel(index_ref, kind_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta
     def update(apply_mask):
         if apply_mask:
             vis = _visible(mask, seq_len, index_ref[flat] * block_q, kt * block_k, block_q, block_k, transposed=True)
-        for lanes, heads in tile.windows():
-            q, k, v, do = q_ref[:, lanes], k_ref[:, lanes], v_ref[:, lanes], do_ref[:, lanes]
+        for win, heads in tile.windows():
+            q, k, v, do = q_ref[win], k_ref[win], v_ref[win], do_ref[win]
             dks, dvs = [], []
             for j, slot in heads:  # transposed scores [block_k, block_q], statistics as [1, block_q] rows
                 p = jnp.exp(_dot_t(k, tile.slot(q, slot)) * scale - row(lse_ref, j))
@@ -238,8 +239,8 @@ def _dkv_kernel(index_ref, kind_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta
                 dp = _dot_t(v, tile.slot(do, slot))
                 ds = p * (dp - row(delta_ref, j))
                 dks.append(_dot(ds.astype(q.dtype), q))
-            dk_sc[:, lanes] += tile.join(dks)
-            dv_sc[:, lanes] += tile.join(dvs)
+            dk_sc[win] += tile.join(dks)
+            dv_sc[win] += tile.join(dvs)
 
     _when_visited(kind_ref[flat], update)
 
@@ -261,10 +262,11 @@ def pass_backward(q, k, v, do, lse, delta, mask: DiagonalMask | SummaryMask, lay
     Returns dq (dq_dtype, in `layout`) and dk, dv per query head (dkv_dtype, in `kv_layout`)."""
     t, n_keys = layout.seq_len, (kv_layout or layout).seq_len
     kv_layout = kv_layout or layout
-    slots = _slots(layout, kv_layout)
+    tile = _tile(layout, kv_layout)
+    slots = tile.heads
     group = heads // kv_heads
     static = dict(mask=mask, seq_len=t, block_q=block_q, block_k=block_k, scale=layout.head_dim ** -0.5,
-                  tile=HeadLanes(slots, layout.head_dim))
+                  tile=tile)
     own_tile = lambda r, s, idx: r
     prefetch = lambda sched: tuple(jnp.asarray(a) for a in sched.flat())
 
@@ -280,7 +282,7 @@ def pass_backward(q, k, v, do, lse, delta, mask: DiagonalMask | SummaryMask, lay
             num_scalar_prefetch=2, grid=(batch, heads // slots, t // block_q, steps),
             in_specs=[q_row, kv_col, kv_col, q_row, stat_row, stat_row] + ([q_row] if dq_partial is not None else []),
             out_specs=q_row,
-            scratch_shapes=[pltpu.VMEM((block_q, layout.width), jnp.float32)]),
+            scratch_shapes=[pltpu.VMEM(layout.tile_shape(block_q), jnp.float32)]),
         out_shape=jax.ShapeDtypeStruct(layout.shape(batch, heads), dq_dtype),
         compiler_params=SEMANTICS, interpret=interpret, name="sparse_attention_dq",
     )(*prefetch(fwd), q, k, v, do, lse, delta, *([dq_partial] if dq_partial is not None else []))
@@ -298,7 +300,7 @@ def pass_backward(q, k, v, do, lse, delta, mask: DiagonalMask | SummaryMask, lay
             num_scalar_prefetch=2, grid=(batch, heads // slots, n_keys // block_k, steps),
             in_specs=[q_col, kv_row, kv_row, q_col, stat_col, stat_col] + [dkv_row] * len(dkv_partial or ()),
             out_specs=[dkv_row, dkv_row],
-            scratch_shapes=[pltpu.VMEM((block_k, layout.width), jnp.float32)] * 2),
+            scratch_shapes=[pltpu.VMEM(kv_layout.tile_shape(block_k), jnp.float32)] * 2),
         out_shape=[jax.ShapeDtypeStruct(kv_layout.shape(batch, heads), dkv_dtype)] * 2,
         compiler_params=SEMANTICS, interpret=interpret, name="sparse_attention_dkv",
     )(*prefetch(bwd), q, k, v, do, lse, delta, *(dkv_partial or ()))

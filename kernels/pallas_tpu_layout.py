@@ -40,15 +40,16 @@ LANES = 128
 SUBLANES = 8
 
 
-def heads_per_block(head_dim: int, heads: int, kv_heads: int) -> int:
-    """Adjacent heads one in-place grid step takes: the most, up to TILE_LANES lanes, that divide the
-    heads and make a multiple of 128 lanes, when head_dim divides 128 or is a multiple of it and k, v
-    have the query heads' count (a group of query heads must read one block of kv heads); else 1.
-    (1 with a head_dim narrower than 128 leaves no legal in-place block: the layout is transposed.)"""
-    if heads != kv_heads or (head_dim % LANES and LANES % head_dim):
+def heads_per_block(head_dim: int, heads: int, kv_heads: int, in_place: bool = True) -> int:
+    """Adjacent heads one grid step takes: the most, up to TILE_LANES lanes of them, that divide the
+    heads, when k, v have the query heads' count (a group of query heads must read one block of kv
+    heads); else 1. In place the heads must also make a multiple of 128 lanes, with head_dim dividing
+    128 or a multiple of it (1 for a narrower head then leaves no legal block: the pass is transposed).
+    Transposed, a step takes a (heads, rows, head_dim) block of the [B, H, T, D] copy."""
+    if heads != kv_heads or (in_place and head_dim % LANES and LANES % head_dim):
         return 1
     for n in range(max(1, TILE_LANES // head_dim), 0, -1):
-        if heads % n == 0 and (n * head_dim) % LANES == 0:
+        if heads % n == 0 and (not in_place or (n * head_dim) % LANES == 0):
             return n
     return 1
 
@@ -59,16 +60,29 @@ class TileLayout:
     stride: int  # 1: natural order; S: residue-major order of stride S
     head_dim: int
     in_place: bool
-    heads_per_block: int = 1  # adjacent heads a tile holds (in place only): its width is this * head_dim
+    heads_per_block: int = 1  # adjacent heads a tile holds: side by side in place, stacked transposed
 
     @classmethod
-    def choose(cls, seq_len: int, stride: int, head_dim: int, tile_rows, heads_per_block: int = 1) -> "TileLayout":
-        """In place when the tiles are legal blocks of the reshaped arrays, else transposed (one head a tile)."""
+    def choose(cls, seq_len: int, stride: int, head_dim: int, tile_rows, heads_per_block: int = 1,
+               stacked_heads: int = 1) -> "TileLayout":
+        """In place (heads_per_block heads a tile) when the tiles are legal blocks of the reshaped
+        arrays, else transposed (stacked_heads heads a tile)."""
         residue_len = seq_len // stride
         fits = (head_dim * heads_per_block) % LANES == 0 and all(residue_len % rows == 0 for rows in tile_rows)
         if IN_PLACE and fits:
             return cls(seq_len, stride, head_dim, True, heads_per_block)
-        return cls(seq_len, stride, head_dim, False)
+        return cls(seq_len, stride, head_dim, False, stacked_heads)
+
+    @property
+    def stacked(self) -> bool:
+        """Whether a tile is (heads, rows, head_dim) rather than (rows, heads * head_dim)."""
+        return not self.in_place and self.heads_per_block > 1
+
+    def tile_shape(self, rows: int) -> tuple[int, ...]:
+        """Shape of one tile (and of the kernels' f32 accumulators for it)."""
+        if self.stacked:
+            return self.heads_per_block, rows, self.head_dim
+        return rows, self.width
 
     @property
     def width(self) -> int:
@@ -123,7 +137,8 @@ class TileLayout:
         scalar-prefetched lists: tile(r, s, idx) is the tile's index in the pass's flat order, head(h)
         its block of heads_per_block heads in an array of `heads` heads (h // group for k and v)."""
         if not self.in_place:
-            return pl.BlockSpec((None, None, rows, self.head_dim),
+            heads_block = self.heads_per_block if self.stacked else None
+            return pl.BlockSpec((None, heads_block, rows, self.head_dim),
                                 lambda b, h, r, s, idx, knd: (b, head(h), tile(r, s, idx), 0))
         per_residue = self.residue_len // rows
         blocks_per_residue = heads // self.heads_per_block

@@ -157,7 +157,8 @@ def test_in_place_where_tiles_are_legal_blocks():
 
 
 def test_heads_per_grid_step():
-    """Up to TILE_LANES = 256 lanes of heads a step, in multiples of 128 lanes, only when kv heads match."""
+    """Up to TILE_LANES = 256 lanes of heads a step (in place: in multiples of 128 lanes), only when kv
+    heads match."""
     assert heads_per_block(64, 12, 12) == 4    # GPT-3 Small: two 128-lane windows of two heads
     assert heads_per_block(32, 8, 8) == 8
     assert heads_per_block(128, 16, 16) == 2
@@ -167,6 +168,10 @@ def test_heads_per_grid_step():
     assert heads_per_block(64, 12, 4) == 1     # GQA: two query heads of a tile would need one kv head's 64 lanes
     assert heads_per_block(64, 3, 3) == 1      # an odd head out
     assert heads_per_block(96, 16, 16) == 1    # 96 neither divides 128 nor is a multiple of it
+    # transposed, a step stacks (heads, rows, head_dim) blocks: any head_dim, no 128-lane rule
+    assert heads_per_block(96, 16, 16, in_place=False) == 2
+    assert heads_per_block(64, 3, 3, in_place=False) == 3
+    assert heads_per_block(128, 16, 4, in_place=False) == 1   # GQA: one head a step
 
 
 @pytest.mark.parametrize("h,d,n", [(3, 128, 1), (4, 64, 2)])
