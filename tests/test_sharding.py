@@ -94,6 +94,33 @@ def test_kernel_shard_spec_follows_the_rules_and_keeps_what_does_not_divide():
             shard_spec(mesh, x(8, 4), x(8, 4))
 
 
+def test_a_pallas_kernel_lowers_for_a_tpu_mesh_only_per_shard():
+    """The failure per_shard prevents, shown by lowering for 8 TPU v5e chips on this CPU: jit of the Pallas
+    TPU kernel on batch- and head-sharded inputs is refused by Mosaic; per_shard's gradient lowers."""
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import AbstractDevice, AbstractMesh, AxisType, NamedSharding, use_abstract_mesh
+    from jax.sharding import PartitionSpec as P
+
+    from gpt_jax.config import DEFAULT_RULES
+    from gpt_jax.kernel_sharding import per_shard
+    from kernels import patterns
+    from kernels.pallas_tpu import sparse_attention_tpu
+
+    chip = AbstractDevice(device_kind="TPU v5 lite", num_cores=1, platform="tpu")
+    mesh = AbstractMesh((2, 2, 2), ("data", "fsdp", "tensor"), (AxisType.Auto,) * 3, abstract_device=chip)
+    x = jax.ShapeDtypeStruct((8, 1024, 4, 128), jnp.bfloat16,
+                             sharding=NamedSharding(mesh, P(("data", "fsdp"), None, "tensor", None)))
+    kernel = lambda q, k, v: sparse_attention_tpu(q, k, v, patterns.local_strided(128, 128), interpret=False)
+    loss = lambda q, k, v: jnp.sum(per_shard(kernel, q, k, v).astype(jnp.float32))
+    with use_abstract_mesh(mesh), nn.logical_axis_rules(DEFAULT_RULES):
+        lowered = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(x, x, x).lower(lowering_platforms=("tpu",))
+        assert sum("tpu_custom_call" in line for line in lowered.as_text().splitlines()) == 6
+        with pytest.raises(NotImplementedError, match="cannot be automatically partitioned"):
+            jax.jit(kernel).trace(x, x, x).lower(lowering_platforms=("tpu",))
+
+
 def test_mesh_shape_inference_and_errors():
     assert mesh_shape(dict(data=-1, fsdp=2, tensor=1), 8) == (4, 2, 1)
     with pytest.raises(UserError, match="= 8 devices, but 4 are available"):
