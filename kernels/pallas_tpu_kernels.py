@@ -1,7 +1,8 @@
 """The Pallas Mosaic TPU kernels of one pass: forward, dq, and dk/dv (flash attention over block lists).
 
 Each pass is a flash attention whose key blocks per query tile come from `schedule.forward_schedule`
-by scalar prefetch, so a skipped block costs no DMA and no MXU work; the BlockSpecs come from the
+by scalar prefetch, one grid step per visited block (`schedule.VisitList`: no padding steps), so a
+skipped block costs no DMA, no MXU work and no step; the BlockSpecs come from the
 pass's `TileLayout` (kernels/pallas_tpu_layout.py). A later pass can take an earlier pass's results
 as a `partial` and finish the job in its epilogue:
 
@@ -34,7 +35,10 @@ from kernels.schedule import FULL, PARTIAL, DiagonalMask, SummaryMask, forward_s
 
 # A large finite negative instead of -inf, so that exp(m_prev - m_new) never sees -inf - -inf.
 MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
-SEMANTICS = pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary"))
+# grid (batch, head block, visit): a tile's visits are consecutive steps that accumulate in scratch
+SEMANTICS = pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary"))
+OWN = lambda s, rows, cols: rows[s]     # the tile a step works for (its output)  # noqa: E731
+OTHER = lambda s, rows, cols: cols[s]   # the block it visits  # noqa: E731
 
 
 def _visible(mask: DiagonalMask | SummaryMask, seq_len: int, r0, c0, rows: int, cols: int, transposed=False):
@@ -79,15 +83,16 @@ def _tile(layout: TileLayout, kv_layout: TileLayout) -> HeadLanes:
 
 # --------------------------------------------------------------------------------------------- forward
 
-def _fwd_kernel(index_ref, kind_ref, q_ref, k_ref, v_ref, *refs, mask, seq_len, block_q, block_k, steps,
-                scale, tile: HeadLanes, has_partial):
+def _fwd_kernel(rows_ref, cols_ref, kind_ref, first_ref, last_ref, q_ref, k_ref, v_ref, *refs, mask, seq_len,
+                block_q, block_k, scale, tile: HeadLanes, has_partial):
     if has_partial:
         o_part_ref, lse_part_ref, o_ref, lse_ref, m_sc, l_sc, acc_sc = refs
     else:
         o_ref, lse_ref, m_sc, l_sc, acc_sc = refs
-    qt, s = pl.program_id(2), pl.program_id(3)
+    s = pl.program_id(2)
+    qt, kb = rows_ref[s], cols_ref[s]
 
-    @pl.when(s == 0)
+    @pl.when(first_ref[s] == 1)
     def _init():
         if has_partial:  # rows the earlier pass saw nothing for have lse = -inf (and o = 0): start empty
             seen = lse_part_ref[...] > -jnp.inf
@@ -99,11 +104,9 @@ def _fwd_kernel(index_ref, kind_ref, q_ref, k_ref, v_ref, *refs, mask, seq_len, 
             l_sc[...] = jnp.zeros(l_sc.shape, jnp.float32)
             acc_sc[...] = jnp.zeros(acc_sc.shape, jnp.float32)
 
-    flat = qt * steps + s
-
     def update(apply_mask):
         if apply_mask:
-            vis = _visible(mask, seq_len, qt * block_q, index_ref[flat] * block_k, block_q, block_k)
+            vis = _visible(mask, seq_len, qt * block_q, kb * block_k, block_q, block_k)
         for win, heads in tile.windows():
             q, k, v = q_ref[win], k_ref[win], v_ref[win]
             alphas, pvs = [], []
@@ -123,9 +126,9 @@ def _fwd_kernel(index_ref, kind_ref, q_ref, k_ref, v_ref, *refs, mask, seq_len, 
                 pvs.append(_dot(p.astype(v.dtype), v))
             acc_sc[win] = tile.join(alphas) * acc_sc[win] + tile.join(pvs)
 
-    _when_visited(kind_ref[flat], update)
+    _when_visited(kind_ref[s], update)
 
-    @pl.when(s == steps - 1)
+    @pl.when(last_ref[s] == 1)
     def _finish():
         l = l_sc[...]  # [heads, rows, 1]
         empty = l == 0.0  # no visible key in the whole pass: o = 0, lse = -inf
@@ -145,49 +148,44 @@ def pass_forward(q, k, v, mask: DiagonalMask | SummaryMask, layout: TileLayout, 
     tile = _tile(layout, kv_layout)
     slots = tile.heads
     group = heads // kv_heads
-    sched = forward_schedule(mask, t, block_q, block_k, kv_layout.seq_len)
-    index, kind = sched.flat()
-    steps = sched.steps
-    own_tile = lambda r, s, idx: r
-    key_tile = lambda r, s, idx: idx[r * steps + s]
-    q_spec = layout.spec(block_q, heads, own_tile, lambda h: h)
-    kv_spec = kv_layout.spec(block_k, kv_heads, key_tile, lambda h: h // group)
-    lse_spec = rows_spec(block_q, slots, own_tile)
+    visits = forward_schedule(mask, t, block_q, block_k, kv_layout.seq_len).visits()
+    q_spec = layout.spec(block_q, heads, OWN, lambda h: h)
+    kv_spec = kv_layout.spec(block_k, kv_heads, OTHER, lambda h: h // group)
+    lse_spec = rows_spec(block_q, slots, OWN)
     in_specs = [q_spec, kv_spec, kv_spec] + ([q_spec, lse_spec] if partial is not None else [])
     kernel = functools.partial(_fwd_kernel, mask=mask, seq_len=t, block_q=block_q, block_k=block_k,
-                               steps=steps, scale=d ** -0.5, tile=tile, has_partial=partial is not None)
+                               scale=d ** -0.5, tile=tile, has_partial=partial is not None)
     return pl.pallas_call(
         kernel,
         grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=2, grid=(batch, heads // slots, t // block_q, steps),
+            num_scalar_prefetch=5, grid=(batch, heads // slots, len(visits)),
             in_specs=in_specs, out_specs=[q_spec, lse_spec],
             scratch_shapes=[pltpu.VMEM((slots, block_q, 1), jnp.float32), pltpu.VMEM((slots, block_q, 1), jnp.float32),
                             pltpu.VMEM(layout.tile_shape(block_q), jnp.float32)]),
         out_shape=[jax.ShapeDtypeStruct(layout.shape(batch, heads), out_dtype),
                    jax.ShapeDtypeStruct((batch, heads, t, 1), jnp.float32)],
         compiler_params=SEMANTICS, interpret=interpret, name="sparse_attention_fwd",
-    )(jnp.asarray(index), jnp.asarray(kind), q, k, v, *(partial or ()))
+    )(*map(jnp.asarray, visits.prefetch()), q, k, v, *(partial or ()))
 
 
 # -------------------------------------------------------------------------------------------- backward
 
-def _dq_kernel(index_ref, kind_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, mask, seq_len,
-               block_q, block_k, steps, scale, tile: HeadLanes, has_partial):
+def _dq_kernel(rows_ref, cols_ref, kind_ref, first_ref, last_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
+               *refs, mask, seq_len, block_q, block_k, scale, tile: HeadLanes, has_partial):
     if has_partial:
         dq_part_ref, dq_ref, dq_sc = refs
     else:
         dq_ref, dq_sc = refs
-    qt, s = pl.program_id(2), pl.program_id(3)
+    s = pl.program_id(2)
+    qt, kb = rows_ref[s], cols_ref[s]
 
-    @pl.when(s == 0)
+    @pl.when(first_ref[s] == 1)
     def _init():
         dq_sc[...] = jnp.zeros(dq_sc.shape, jnp.float32)
 
-    flat = qt * steps + s
-
     def update(apply_mask):
         if apply_mask:
-            vis = _visible(mask, seq_len, qt * block_q, index_ref[flat] * block_k, block_q, block_k)
+            vis = _visible(mask, seq_len, qt * block_q, kb * block_k, block_q, block_k)
         for win, heads in tile.windows():
             q, k, v, do = q_ref[win], k_ref[win], v_ref[win], do_ref[win]
             dqs = []
@@ -200,9 +198,9 @@ def _dq_kernel(index_ref, kind_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_
                 dqs.append(_dot(ds.astype(k.dtype), k))
             dq_sc[win] += tile.join(dqs)
 
-    _when_visited(kind_ref[flat], update)
+    _when_visited(kind_ref[s], update)
 
-    @pl.when(s == steps - 1)
+    @pl.when(last_ref[s] == 1)
     def _finish():
         dq = dq_sc[...] * scale
         if has_partial:
@@ -210,24 +208,23 @@ def _dq_kernel(index_ref, kind_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_
         dq_ref[...] = dq.astype(dq_ref.dtype)
 
 
-def _dkv_kernel(index_ref, kind_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, mask, seq_len,
-                block_q, block_k, steps, scale, tile: HeadLanes, has_partial):
+def _dkv_kernel(rows_ref, cols_ref, kind_ref, first_ref, last_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
+                *refs, mask, seq_len, block_q, block_k, scale, tile: HeadLanes, has_partial):
     if has_partial:
         dk_part_ref, dv_part_ref, dk_ref, dv_ref, dk_sc, dv_sc = refs
     else:
         dk_ref, dv_ref, dk_sc, dv_sc = refs
-    kt, s = pl.program_id(2), pl.program_id(3)
+    s = pl.program_id(2)
+    kt, qb = rows_ref[s], cols_ref[s]
 
-    @pl.when(s == 0)
+    @pl.when(first_ref[s] == 1)
     def _init():
         dk_sc[...] = jnp.zeros(dk_sc.shape, jnp.float32)
         dv_sc[...] = jnp.zeros(dv_sc.shape, jnp.float32)
 
-    flat = kt * steps + s
-
     def update(apply_mask):
         if apply_mask:
-            vis = _visible(mask, seq_len, index_ref[flat] * block_q, kt * block_k, block_q, block_k, transposed=True)
+            vis = _visible(mask, seq_len, qb * block_q, kt * block_k, block_q, block_k, transposed=True)
         for win, heads in tile.windows():
             q, k, v, do = q_ref[win], k_ref[win], v_ref[win], do_ref[win]
             dks, dvs = [], []
@@ -242,9 +239,9 @@ def _dkv_kernel(index_ref, kind_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta
             dk_sc[win] += tile.join(dks)
             dv_sc[win] += tile.join(dvs)
 
-    _when_visited(kind_ref[flat], update)
+    _when_visited(kind_ref[s], update)
 
-    @pl.when(s == steps - 1)
+    @pl.when(last_ref[s] == 1)
     def _finish():
         dk, dv = dk_sc[...] * scale, dv_sc[...]
         if has_partial:
@@ -267,19 +264,16 @@ def pass_backward(q, k, v, do, lse, delta, mask: DiagonalMask | SummaryMask, lay
     group = heads // kv_heads
     static = dict(mask=mask, seq_len=t, block_q=block_q, block_k=block_k, scale=layout.head_dim ** -0.5,
                   tile=tile)
-    own_tile = lambda r, s, idx: r
-    prefetch = lambda sched: tuple(jnp.asarray(a) for a in sched.flat())
+    prefetch = lambda visits: tuple(map(jnp.asarray, visits.prefetch()))
 
-    fwd = forward_schedule(mask, t, block_q, block_k, n_keys)
-    steps = fwd.steps
-    key_tile = lambda r, s, idx: idx[r * steps + s]
-    q_row = layout.spec(block_q, heads, own_tile, lambda h: h)
-    kv_col = kv_layout.spec(block_k, kv_heads, key_tile, lambda h: h // group)
-    stat_row = lanes_spec(block_q, slots, own_tile)
+    fwd = forward_schedule(mask, t, block_q, block_k, n_keys).visits()
+    q_row = layout.spec(block_q, heads, OWN, lambda h: h)
+    kv_col = kv_layout.spec(block_k, kv_heads, OTHER, lambda h: h // group)
+    stat_row = lanes_spec(block_q, slots, OWN)
     dq = pl.pallas_call(
-        functools.partial(_dq_kernel, steps=steps, has_partial=dq_partial is not None, **static),
+        functools.partial(_dq_kernel, has_partial=dq_partial is not None, **static),
         grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=2, grid=(batch, heads // slots, t // block_q, steps),
+            num_scalar_prefetch=5, grid=(batch, heads // slots, len(fwd)),
             in_specs=[q_row, kv_col, kv_col, q_row, stat_row, stat_row] + ([q_row] if dq_partial is not None else []),
             out_specs=q_row,
             scratch_shapes=[pltpu.VMEM(layout.tile_shape(block_q), jnp.float32)]),
@@ -287,17 +281,15 @@ def pass_backward(q, k, v, do, lse, delta, mask: DiagonalMask | SummaryMask, lay
         compiler_params=SEMANTICS, interpret=interpret, name="sparse_attention_dq",
     )(*prefetch(fwd), q, k, v, do, lse, delta, *([dq_partial] if dq_partial is not None else []))
 
-    bwd = transposed_schedule(mask, t, block_q, block_k, n_keys)
-    steps = bwd.steps
-    query_tile = lambda r, s, idx: idx[r * steps + s]
-    q_col = layout.spec(block_q, heads, query_tile, lambda h: h)
-    stat_col = lanes_spec(block_q, slots, query_tile)
-    kv_row = kv_layout.spec(block_k, kv_heads, own_tile, lambda h: h // group)
-    dkv_row = kv_layout.spec(block_k, heads, own_tile, lambda h: h)  # per query head
+    bwd = transposed_schedule(mask, t, block_q, block_k, n_keys).visits()
+    q_col = layout.spec(block_q, heads, OTHER, lambda h: h)
+    stat_col = lanes_spec(block_q, slots, OTHER)
+    kv_row = kv_layout.spec(block_k, kv_heads, OWN, lambda h: h // group)
+    dkv_row = kv_layout.spec(block_k, heads, OWN, lambda h: h)  # per query head
     dk, dv = pl.pallas_call(
-        functools.partial(_dkv_kernel, steps=steps, has_partial=dkv_partial is not None, **static),
+        functools.partial(_dkv_kernel, has_partial=dkv_partial is not None, **static),
         grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=2, grid=(batch, heads // slots, n_keys // block_k, steps),
+            num_scalar_prefetch=5, grid=(batch, heads // slots, len(bwd)),
             in_specs=[q_col, kv_row, kv_row, q_col, stat_col, stat_col] + [dkv_row] * len(dkv_partial or ()),
             out_specs=[dkv_row, dkv_row],
             scratch_shapes=[pltpu.VMEM(kv_layout.tile_shape(block_k), jnp.float32)] * 2),

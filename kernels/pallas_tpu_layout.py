@@ -133,18 +133,19 @@ class TileLayout:
         return x.reshape(b, h, self.stride, self.residue_len).swapaxes(2, 3).reshape(b, h, t)
 
     def spec(self, rows: int, heads: int, tile, head) -> pl.BlockSpec:
-        """BlockSpec of (rows, width) tiles for a grid (batch, head block, tile, step) with two
-        scalar-prefetched lists: tile(r, s, idx) is the tile's index in the pass's flat order, head(h)
-        its block of heads_per_block heads in an array of `heads` heads (h // group for k and v)."""
+        """BlockSpec of this layout's tiles for a grid (batch, head block, step) with the five
+        scalar-prefetched arrays of a `schedule.VisitList`: tile(s, rows, cols) is the tile's index
+        in the pass's flat order at step s, head(h) its block of heads_per_block heads in an array of
+        `heads` heads (h // group for k and v)."""
         if not self.in_place:
             heads_block = self.heads_per_block if self.stacked else None
             return pl.BlockSpec((None, heads_block, rows, self.head_dim),
-                                lambda b, h, r, s, idx, knd: (b, head(h), tile(r, s, idx), 0))
+                                lambda b, h, s, rows_, cols, *_: (b, head(h), tile(s, rows_, cols), 0))
         per_residue = self.residue_len // rows
         blocks_per_residue = heads // self.heads_per_block
 
-        def index(b, h, r, s, idx, knd):
-            t = tile(r, s, idx)
+        def index(b, h, s, rows_, cols, *_):
+            t = tile(s, rows_, cols)
             if self.stride == 1:
                 return b, t, head(h)
             return b, t % per_residue, (t // per_residue) * blocks_per_residue + head(h)
@@ -154,11 +155,11 @@ class TileLayout:
 
 def rows_spec(rows: int, heads_per_block: int, tile) -> pl.BlockSpec:
     """BlockSpec of (heads_per_block, rows, 1) tiles of the [B, H, T, 1] row statistics (columns)."""
-    return pl.BlockSpec((None, heads_per_block, rows, 1), lambda b, h, r, s, idx, knd: (b, h, tile(r, s, idx), 0))
+    return pl.BlockSpec((None, heads_per_block, rows, 1), lambda b, h, s, rows_, cols, *_: (b, h, tile(s, rows_, cols), 0))
 
 
 def lanes_spec(rows: int, heads_per_block: int, tile) -> pl.BlockSpec:
     """BlockSpec of (heads_per_block, 8, rows) tiles of the [B, H, 8, T] lane-dense row statistics. On a
     TPU, rows must be a multiple of 128 or the whole sequence (pallas_tpu.check_compiled_blocks)."""
     return pl.BlockSpec((None, heads_per_block, SUBLANES, rows),
-                        lambda b, h, r, s, idx, knd: (b, h, 0, tile(r, s, idx)))
+                        lambda b, h, s, rows_, cols, *_: (b, h, 0, tile(s, rows_, cols)))

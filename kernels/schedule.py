@@ -185,6 +185,39 @@ class BlockSchedule:
         """1-D int32 copies: scalar-prefetch arrays live in SMEM, where 2-D arrays pad badly."""
         return self.index.astype(np.int32).reshape(-1), self.kind.astype(np.int32).reshape(-1)
 
+    def visits(self) -> "VisitList":
+        """The visits without the padding, one grid step each (a grid step has a fixed cost, and the
+        padding of dense causal lists is about half the steps). A tile with nothing to visit keeps one
+        SKIP step, so that it still initializes and writes its output."""
+        rows, cols, kinds, first, last = [], [], [], [], []
+        for t in range(self.index.shape[0]):
+            steps = [s for s in range(self.steps) if self.kind[t, s] != SKIP] or [0]
+            for n, s in enumerate(steps):
+                rows.append(t)
+                cols.append(self.index[t, s])
+                kinds.append(self.kind[t, s])
+                first.append(n == 0)
+                last.append(n == len(steps) - 1)
+        return VisitList(*(np.asarray(a, np.int32) for a in (rows, cols, kinds, first, last)))
+
+
+@dataclasses.dataclass(frozen=True)
+class VisitList:
+    """Step s visits column block cols[s] from row tile rows[s] (kind[s]: SKIP, PARTIAL or FULL); a row
+    tile's steps are consecutive, first[s] / last[s] mark its first and last."""
+    rows: np.ndarray
+    cols: np.ndarray
+    kind: np.ndarray
+    first: np.ndarray
+    last: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def prefetch(self):
+        """The five arrays for scalar prefetch, in this order."""
+        return self.rows, self.cols, self.kind, self.first, self.last
+
 
 def _pad_lists(lists) -> BlockSchedule:
     steps = max(1, max(len(x) for x in lists))

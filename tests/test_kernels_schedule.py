@@ -124,6 +124,29 @@ def test_band_schedule_skips_far_blocks():
     np.testing.assert_array_equal(sched.kind[3], [PARTIAL, PARTIAL])
 
 
+@pytest.mark.parametrize("mask,n_keys", [(DiagonalMask(96, 0), None), (DiagonalMask(96, 0, 15), None),
+                                         (DiagonalMask(12, 1), None), (SummaryMask(16, 4), 32)])
+def test_visit_list_is_the_schedule_without_padding(mask, n_keys):
+    """One grid step per visited block, each tile's steps consecutive and flagged first / last; a tile
+    with nothing to visit keeps one SKIP step (it must still write its zeros and lse = -inf)."""
+    for sched in (forward_schedule(mask, 96, 16, 8, n_keys), transposed_schedule(mask, 96, 16, 8, n_keys)):
+        visits = sched.visits()
+        tiles = sched.index.shape[0]
+        expect = []
+        for t in range(tiles):
+            real = [(t, int(sched.index[t, s]), int(sched.kind[t, s])) for s in range(sched.steps) if sched.kind[t, s]]
+            expect += real or [(t, int(sched.index[t, 0]), SKIP)]
+        assert list(zip(visits.rows.tolist(), visits.cols.tolist(), visits.kind.tolist())) == expect
+        starts = np.flatnonzero(np.diff(visits.rows, prepend=-1))
+        ends = np.flatnonzero(np.diff(visits.rows, append=tiles))
+        np.testing.assert_array_equal(np.flatnonzero(visits.first), starts)
+        np.testing.assert_array_equal(np.flatnonzero(visits.last), ends)
+        assert sorted(set(visits.rows.tolist())) == list(range(tiles))
+        assert all(a.dtype == np.int32 for a in visits.prefetch())
+    empty = forward_schedule(SummaryMask(16, 4), 96, 16, 8, 32).visits()  # the first block sees no summary key
+    assert empty.kind[0] == SKIP and empty.first[0] == empty.last[0] == 1
+
+
 def test_packed_residues_visit_only_their_own_tile():
     # T=2048, S=256: 8 rows per residue; a 64-row tile packs 8 residues and needs only its own block
     sched = forward_schedule(DiagonalMask(8, 1), 2048, 64, 64)
