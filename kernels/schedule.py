@@ -181,14 +181,11 @@ class BlockSchedule:
     def steps(self) -> int:
         return self.index.shape[1]
 
-    def flat(self):
-        """1-D int32 copies: scalar-prefetch arrays live in SMEM, where 2-D arrays pad badly."""
-        return self.index.astype(np.int32).reshape(-1), self.kind.astype(np.int32).reshape(-1)
-
     def visits(self) -> "VisitList":
         """The visits without the padding, one grid step each (a grid step has a fixed cost, and the
-        padding of dense causal lists is about half the steps). A tile with nothing to visit keeps one
-        SKIP step, so that it still initializes and writes its output."""
+        padding of dense causal lists is about half the steps), as 1-D int32 arrays (scalar prefetch
+        lives in SMEM, where 2-D arrays pad badly). A tile with nothing to visit keeps one SKIP step, so
+        that it still initializes and writes its output."""
         rows, cols, kinds, first, last = [], [], [], [], []
         for t in range(self.index.shape[0]):
             steps = [s for s in range(self.steps) if self.kind[t, s] != SKIP] or [0]
