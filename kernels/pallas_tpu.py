@@ -83,7 +83,7 @@ def check_supported(q, k, v, pattern: Pattern, block_q: int, block_k: int) -> No
     pattern.check_seq_len(t)
 
 
-def check_compiled_blocks(plan: list["_PassPlan"]) -> None:
+def check_compiled_blocks(plan: list["PassPlan"]) -> None:
     """On a TPU (not in the interpreter) the backward's lane-dense row statistics come in (1, rows)
     tiles, which Mosaic takes for rows a multiple of 128 or the whole sequence."""
     for pp in plan:
@@ -101,7 +101,7 @@ def _round_up(x: int, m: int) -> int:
 
 
 @dataclasses.dataclass(frozen=True)
-class _PassPlan:
+class PassPlan:
     """One pass with its tile sizes and the layouts of its query-side and key-side arrays."""
     p: Pass
     block_q: int
@@ -132,7 +132,8 @@ class _PassPlan:
         return acc.reshape(b, t // blk, blk, h, d).at[:, :, blk - c:].add(g).reshape(b, t, h, d)
 
 
-def _plan(pattern, q, k, block_q, block_k) -> list[_PassPlan]:
+def plan_passes(pattern, q, k, block_q, block_k) -> list[PassPlan]:
+    """The passes of `pattern` for q [B, T, H, D] and k [B, T, Hk, D]: tiles and layouts of each."""
     t, heads, d = q.shape[1:]
     kv_heads = k.shape[2]
     plan = []
@@ -144,7 +145,7 @@ def _plan(pattern, q, k, block_q, block_k) -> list[_PassPlan]:
             n_keys = t // p.mask.block * p.mask.c
             bk = min(bk, _round_up(n_keys, 8))
             n_keys = _round_up(n_keys, bk)
-        plan.append(_PassPlan(p, bq, bk, *_layouts(t, p.stride or 1, n_keys, d, bq, bk, heads, kv_heads)))
+        plan.append(PassPlan(p, bq, bk, *_layouts(t, p.stride or 1, n_keys, d, bq, bk, heads, kv_heads)))
     return plan
 
 
@@ -166,7 +167,7 @@ def _forward(q, k, v, pattern, block_q, block_k, interpret):
     Each pass after the first starts from the previous passes' (o, lse), so the last one writes the
     merged output; in place, no [B, T, H, D] array is copied on the way."""
     b, _, h, _ = q.shape
-    plan = _plan(pattern, q, k, block_q, block_k)
+    plan = plan_passes(pattern, q, k, block_q, block_k)
     o = lse = None
     for n, pp in enumerate(plan):
         last = n == len(plan) - 1
@@ -187,7 +188,7 @@ def _backward(q, k, v, o, lse, do, pattern, block_q, block_k, interpret):
     hk = k.shape[2]
     # rowsum(dO * o) as a contraction over head_dim: XLA writes [B, H, T] directly, no elementwise pass
     delta = jnp.einsum("bthd,bthd->bht", do, o, preferred_element_type=jnp.float32)
-    plan = _plan(pattern, q, k, block_q, block_k)
+    plan = plan_passes(pattern, q, k, block_q, block_k)
     dq = dk = dv = None
     for n, pp in enumerate(plan):
         last = n == len(plan) - 1
@@ -244,7 +245,7 @@ def sparse_attention_tpu(q, k, v, pattern: Pattern, *, block_q: int | None = Non
     if interpret is None:
         interpret = jax.default_backend() != "tpu"
     if interpret is False:
-        check_compiled_blocks(_plan(pattern, q, k, block_q, block_k))
+        check_compiled_blocks(plan_passes(pattern, q, k, block_q, block_k))
     if interpret is True:
         interpret = pltpu.InterpretParams()
     return _attention(q, k, v, pattern, block_q, block_k, interpret or False)

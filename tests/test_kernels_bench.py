@@ -99,3 +99,17 @@ def test_splash_wrapper_computes_the_pattern():
         np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4, err_msg=str(pattern))
         for g, r in zip(vjp(do), ref_vjp(do)):
             np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-4, err_msg=str(pattern))
+
+
+def test_tpu_estimate_counts_what_the_kernel_visits():
+    from kernels.tpu_estimate import estimate, main
+
+    pattern = patterns.local_strided(256, 256)
+    one, two = (estimate(pattern, 8192, 4, 16, 128, tile_lanes=lanes) for lanes in (128, 256))
+    assert one["heads_a_step"] == [1, 1] and two["heads_a_step"] == [2, 2]
+    assert two["steps_fwd"] * 2 == one["steps_fwd"] and two["steps_bwd"] * 2 == one["steps_bwd"]
+    assert pattern.pairs(8192) * 4 * 16 <= one["visited_pairs"] <= 8192 * 8192 * 4 * 16  # blocks cover the pairs
+    dense = estimate(patterns.dense(), 8192, 1, 1, 128, tile_lanes=128)
+    assert dense["steps_fwd"] == 16 * 17 // 2  # 512-row tiles, one step per visited block: no padding
+    rows = main(["--seq", "2048", "--tokens", "2048", "--heads", "4", "--head-dim", "64", "--tile-lanes", "256"])
+    assert rows[0]["heads_a_step"] == [4, 4]
