@@ -4,10 +4,10 @@ A grid step takes `heads` adjacent heads (TileLayout.heads_per_block): several h
 the fixed cost of a grid step, and in place heads narrower than 128 lanes need company to make a
 legal block at all. Transposed, the tile is (heads, rows, head_dim) and head j is tile[j]. In place it
 is (rows, heads * head_dim), read in 128-lane-aligned windows of max(head_dim, 128) lanes (free static
-slices). A window of heads narrower than 128 holds 128 // head_dim
-of them; each head's matmuls then run on the window with the other heads' lanes of q (or dO) zeroed,
-so a 128-deep contraction is that head's own, and keep their own lanes of each 128-wide product. The
-MXU pads a 64-deep or 64-wide matmul to its width anyway, so the zeros should cost no extra passes.
+slices). A window of heads narrower than 128 holds 128 // head_dim of them; each head's matmuls then
+run on the window with the other heads' lanes of q (or dO) zeroed, so a 128-deep contraction is that
+head's own, and keep their own lanes of each 128-wide product. The MXU pads a 64-deep or 64-wide
+matmul to its width anyway, so the zeros should cost no extra passes.
 """
 
 from __future__ import annotations

@@ -155,7 +155,8 @@ class TileLayout:
 
 def rows_spec(rows: int, heads_per_block: int, tile) -> pl.BlockSpec:
     """BlockSpec of (heads_per_block, rows, 1) tiles of the [B, H, T, 1] row statistics (columns)."""
-    return pl.BlockSpec((None, heads_per_block, rows, 1), lambda b, h, s, rows_, cols, *_: (b, h, tile(s, rows_, cols), 0))
+    return pl.BlockSpec((None, heads_per_block, rows, 1),
+                        lambda b, h, s, rows_, cols, *_: (b, h, tile(s, rows_, cols), 0))
 
 
 def lanes_spec(rows: int, heads_per_block: int, tile) -> pl.BlockSpec:

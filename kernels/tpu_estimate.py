@@ -12,7 +12,7 @@ measurements:
 from __future__ import annotations
 
 import argparse
-import contextlib
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -25,30 +25,21 @@ PEAK_TFLOPS = {"v5e": 197.0, "v6e": 918.0}  # dense bf16 per chip
 STEP_US = 0.35
 
 
-@contextlib.contextmanager
-def _tile_lanes(lanes: int):
-    saved, pallas_tpu_layout.TILE_LANES = pallas_tpu_layout.TILE_LANES, lanes
-    try:
-        yield
-    finally:
-        pallas_tpu_layout.TILE_LANES = saved
-
-
 def estimate(pattern, seq: int, batch: int, heads: int, head_dim: int, chip: str = "v5e", tile_lanes: int = 256):
     """Dict of heads a step per pass, visited pairs, MXU ms and step ms (forward and backward)."""
     x = jax.ShapeDtypeStruct((batch, seq, heads, head_dim), jnp.bfloat16)
     block = default_block_for(pattern, seq)
-    with _tile_lanes(tile_lanes):
+    with mock.patch.object(pallas_tpu_layout, "TILE_LANES", tile_lanes):  # set for this plan only
         plan = plan_passes(pattern, x, x, block, block)
     pairs = steps_fwd = steps_bwd = 0
     for pp in plan:
         n_keys = pp.kv_layout.seq_len
         fwd = forward_schedule(pp.p.mask, seq, pp.block_q, pp.block_k, n_keys)
-        head_steps = batch * heads // pp.q_layout.heads_per_block
+        bwd = transposed_schedule(pp.p.mask, seq, pp.block_q, pp.block_k, n_keys)
+        fwd_steps, head_steps = len(fwd.visits()), batch * heads // pp.q_layout.heads_per_block
         pairs += int((fwd.kind != 0).sum()) * pp.block_q * pp.block_k * batch * heads
-        steps_fwd += len(fwd.visits()) * head_steps
-        steps_bwd += (len(fwd.visits()) + len(transposed_schedule(pp.p.mask, seq, pp.block_q, pp.block_k,
-                                                                  n_keys).visits())) * head_steps
+        steps_fwd += fwd_steps * head_steps
+        steps_bwd += (fwd_steps + len(bwd.visits())) * head_steps  # the dq kernel walks fwd, dk/dv walks bwd
     ms = lambda flops: flops / (PEAK_TFLOPS[chip] * 1e12) * 1e3
     return dict(seq=seq, head_dim=head_dim, tile_lanes=tile_lanes,
                 heads_a_step=[pp.q_layout.heads_per_block for pp in plan], visited_pairs=pairs,
