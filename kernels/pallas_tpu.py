@@ -12,11 +12,11 @@ the merged output; backward, each pass recomputes P = exp(S - lse) from the merg
 rowsum(dO * o))) with a dq kernel on the forward lists and a dk/dv kernel on the transposed lists, and
 the last pass adds the first one's f32 gradients before it writes them.
 
-The public entry takes [batch, seq, heads, head_dim]. Where the tiles allow it (head_dim a multiple of
-128, or a divisor of it with as many kv heads as query heads; tiles within one residue) the kernels
-read and write those arrays in place through free reshapes; otherwise XLA transposes them per pass
-(kernels/pallas_tpu_layout.py). Grouped-query attention: the
-kernels index kv head h // group; dk/dv are computed per query head and summed over each group in XLA.
+The public entry takes [batch, seq, heads, head_dim]. Where the tiles allow it (tiles within one
+residue; 8 heads a step, or all of them) the kernels read and write those arrays in place, through
+[B, T/S, S, H, D] views that are bitcasts on a TPU; otherwise XLA transposes them per pass
+(kernels/pallas_tpu_layout.py). Grouped-query attention: query head j of a tile reads kv head
+j // group; dk/dv are computed per query head and summed over each group in XLA.
 """
 
 from __future__ import annotations
@@ -84,8 +84,8 @@ def check_supported(q, k, v, pattern: Pattern, block_q: int, block_k: int) -> No
 
 
 def check_compiled_blocks(plan: list["PassPlan"]) -> None:
-    """On a TPU (not in the interpreter) the backward's lane-dense row statistics come in (1, rows)
-    tiles, which Mosaic takes for rows a multiple of 128 or the whole sequence."""
+    """On a TPU (not in the interpreter) the lane-dense row statistics come in (8, rows) tiles, which
+    Mosaic takes for rows a multiple of 128 or the whole sequence."""
     for pp in plan:
         if pp.block_q % LANES and pp.block_q != pp.q_layout.seq_len:
             raise UnsupportedInput(
@@ -150,33 +150,35 @@ def plan_passes(pattern, q, k, block_q, block_k) -> list[PassPlan]:
 
 
 def _layouts(t, stride, n_keys, d, bq, bk, heads, kv_heads) -> tuple[TileLayout, TileLayout]:
-    """A pass's query-side and key-side layouts. The kernels index both sides' tiles alike, so with
-    several heads a tile both must be in place or both transposed; otherwise both take one head a tile."""
-    per_block = [(heads_per_block(d, heads, kv_heads), heads_per_block(d, heads, kv_heads, in_place=False)), (1, 1)]
-    for in_place_heads, stacked_heads in per_block:
-        q_layout = TileLayout.choose(t, stride, d, (bq, bk) if n_keys == t else (bq,), in_place_heads, stacked_heads)
-        kv_layout = q_layout if n_keys == t else TileLayout.choose(n_keys, 1, d, (bk,), in_place_heads, stacked_heads)
-        same = (q_layout.in_place, q_layout.heads_per_block) == (kv_layout.in_place, kv_layout.heads_per_block)
-        if same or q_layout.heads_per_block == kv_layout.heads_per_block == 1:
-            return q_layout, kv_layout
-    raise AssertionError("one head a tile always gives compatible layouts")
+    """A pass's query-side and key-side layouts. The kernels index both sides' tiles alike, so both are
+    in place (the key side with the query tile's kv heads) or both transposed."""
+    group = heads // kv_heads
+    in_place_heads = heads_per_block(heads, kv_heads)  # 0: no legal in-place block
+    stacked = heads_per_block(heads, kv_heads, in_place=False, head_dim=d)
+    kv_stride = stride if n_keys == t else 1
+    q_layout = TileLayout.choose(t, stride, d, (bq,), in_place_heads, stacked)
+    kv_layout = TileLayout.choose(n_keys, kv_stride, d, (bk,), in_place_heads // group, stacked)
+    if q_layout.in_place != kv_layout.in_place:
+        q_layout, kv_layout = TileLayout(t, stride, d, False, stacked), TileLayout(n_keys, kv_stride, d, False, stacked)
+    return q_layout, kv_layout
 
 
 def _forward(q, k, v, pattern, block_q, block_k, interpret):
     """q: [B, T, H, D], k/v: [B, T, Hk, D] -> o [B, T, H, D] in q.dtype, lse [B, H, T] f32.
     Each pass after the first starts from the previous passes' (o, lse), so the last one writes the
-    merged output; in place, no [B, T, H, D] array is copied on the way."""
+    merged output; in place, no [B, T, H, D] array is copied on the way (on a TPU, kernels.tpu_compile
+    shows it)."""
     b, _, h, _ = q.shape
     plan = plan_passes(pattern, q, k, block_q, block_k)
     o = lse = None
     for n, pp in enumerate(plan):
         last = n == len(plan) - 1
         lay = pp.q_layout
-        partial = None if o is None else (lay.to(o), lay.rows_to(lse))
+        partial = None if o is None else (lay.to(o), lay.lanes_to(lse))
         o_p, lse_p = pass_forward(lay.to(q), pp.keys(k), pp.keys(v), pp.p.mask, lay, kv_layout=pp.kv_layout,
                                   batch=b, heads=h, kv_heads=k.shape[2], block_q=pp.block_q, block_k=pp.block_k,
                                   out_dtype=q.dtype if last else jnp.float32, partial=partial, interpret=interpret)
-        o, lse = lay.back(o_p, h), lay.rows_back(lse_p)
+        o, lse = lay.back(o_p, h), lay.lanes_back(lse_p)
     return o, lse
 
 

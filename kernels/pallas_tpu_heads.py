@@ -1,61 +1,53 @@
-"""How the heads of one TPU tile sit in its lanes, and the per-head pieces the kernels work on.
+"""How one grid step's heads sit in its tiles, and the per-head pieces the kernels work on.
 
-A grid step takes `heads` adjacent heads (TileLayout.heads_per_block): several heads per step amortize
-the fixed cost of a grid step, and in place heads narrower than 128 lanes need company to make a
-legal block at all. Transposed, the tile is (heads, rows, head_dim) and head j is tile[j]. In place it
-is (rows, heads * head_dim), read in 128-lane-aligned windows of max(head_dim, 128) lanes (free static
-slices). A window of heads narrower than 128 holds 128 // head_dim of them; each head's matmuls then
-run on the window with the other heads' lanes of q (or dO) zeroed, so a 128-deep contraction is that
-head's own, and keep their own lanes of each 128-wide product. The MXU pads a 64-deep or 64-wide
-matmul to its width anyway, so the zeros should cost no extra passes.
+A grid step takes several heads (TileLayout.heads_per_block): a step has a fixed cost, and in place a
+legal block of the (H, D) plane holds 8 heads or all of them. In place a tile is (rows, heads, D) and
+head j is the sublane-strided slice tile[:, j, :]; transposed it is (heads, rows, D) and head j is
+tile[j]. A packed in-place tile, (P, R, heads, D), holds R whole residues of P rows; head j's rows are
+tile[:, r, j, :] for r = 0..R-1, one after the other (the pass's residue-major order). Under
+grouped-query attention in place, the kv tile holds heads / group kv heads, and query head j reads kv
+head j // group. The kernels' f32 accumulators are (heads, rows, D) in both layouts.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
-import operator
 
 import jax.numpy as jnp
-from jax import lax
-
-from kernels.pallas_tpu_layout import LANES
 
 
 @dataclasses.dataclass(frozen=True)
-class HeadLanes:
-    heads: int      # heads in the tile
-    head_dim: int
-    stacked: bool = False  # (heads, rows, head_dim) tiles rather than (rows, heads * head_dim)
+class TileHeads:
+    heads: int       # query heads in a tile
+    group: int       # query heads per kv head within the kv tile (1: it holds the same heads)
+    in_place: bool   # (rows, heads, D) tiles rather than (heads, rows, D)
 
-    @property
-    def width(self) -> int:
-        """Lanes of one window: one head's when stacked or alone, else max(head_dim, 128)."""
-        return self.head_dim if self.heads == 1 or self.stacked else max(self.head_dim, LANES)
+    def _load(self, ref, j: int):
+        if not self.in_place:
+            return ref[j]
+        if ref.ndim == 4:  # packed residues
+            return jnp.concatenate([ref[:, r, j, :] for r in range(ref.shape[1])], axis=0)
+        return ref[:, j, :]
 
-    @property
-    def per_window(self) -> int:
-        return self.width // self.head_dim
+    def q(self, ref, j: int):
+        """Head j's [rows, D] of a query-side tile (q, dO, o, dq), or of a key-side tile per query head."""
+        return self._load(ref, j)
 
-    def windows(self):
-        """(index of the window in a tile-shaped ref, [(head, slot within the window), ...]) per window."""
-        for w in range(self.heads // self.per_window):
-            heads = [(w * self.per_window + s, s) for s in range(self.per_window)]
-            yield ((w,) if self.stacked else (slice(None), slice(w * self.width, (w + 1) * self.width))), heads
+    def kv(self, ref, j: int):
+        """The [rows, D] of the kv head that query head j reads in a key-side tile."""
+        return self._load(ref, j // self.group)
 
-    def slot(self, x, s: int):
-        """x [rows, window] with every lane outside slot s zeroed (x itself when a window is one head)."""
-        if self.per_window == 1:
-            return x
-        lane = lax.broadcasted_iota(jnp.int32, x.shape, 1)
-        return jnp.where((lane >= s * self.head_dim) & (lane < (s + 1) * self.head_dim), x, 0)
-
-    def join(self, parts):
-        """One [rows, window] array holding part s's lanes of slot s (a part may be [rows, 1])."""
-        if len(parts) == 1:
-            return parts[0]
-        spread = [self.slot(jnp.broadcast_to(x, (x.shape[0], self.width)), s) for s, x in enumerate(parts)]
-        return functools.reduce(operator.add, spread)
+    def store(self, ref, j: int, x) -> None:
+        """Write head j's [rows, D] into a tile (query side, or key side per query head)."""
+        x = x.astype(ref.dtype)
+        if not self.in_place:
+            ref[j] = x
+        elif ref.ndim == 4:
+            rows = ref.shape[0]
+            for r in range(ref.shape[1]):
+                ref[:, r, j, :] = x[r * rows:(r + 1) * rows]
+        else:
+            ref[:, j, :] = x
 
 
 def column(lanes_ref, j: int):
@@ -66,3 +58,8 @@ def column(lanes_ref, j: int):
 def row(lanes_ref, j: int):
     """Head j's lane-dense statistics as a [1, rows] row."""
     return lanes_ref[j, :1]
+
+
+def lanes(col):
+    """A [rows, 1] column as the (8, rows) lane-dense tile of the row statistics."""
+    return jnp.broadcast_to(jnp.expand_dims(col[:, 0], 0), (8, col.shape[0]))

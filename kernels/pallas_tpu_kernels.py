@@ -14,12 +14,14 @@ The dk/dv kernel works on transposed scores, S^T = K Q^T [block_k, block_q] (as 
 the lane-dense row statistics then broadcast along its sublanes, and dV = P^T dO, dK = dS^T Q are plain
 matmuls, with no transpose of P or dS in the loop.
 
-A tile may hold several adjacent heads (`TileLayout.heads_per_block`); the kernels loop over them in
-128-lane windows (kernels/pallas_tpu_heads.py), each head with its own softmax statistics.
+A tile holds several heads (`TileLayout.heads_per_block`); the kernels loop over them
+(kernels/pallas_tpu_heads.py), each head with its own softmax statistics. Row statistics cross HBM
+lane-dense, (heads, 8, rows) tiles, in both directions.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -29,14 +31,16 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from kernels.pallas_tpu_heads import HeadLanes, column, row
-from kernels.pallas_tpu_layout import TileLayout, lanes_spec, rows_spec
+from kernels.pallas_tpu_heads import TileHeads, column, lanes, row
+from kernels.pallas_tpu_layout import SUBLANES, TileLayout, lanes_spec
 from kernels.schedule import FULL, PARTIAL, DiagonalMask, SummaryMask, forward_schedule, transposed_schedule
 
 # A large finite negative instead of -inf, so that exp(m_prev - m_new) never sees -inf - -inf.
 MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 # grid (batch, head block, visit): a tile's visits are consecutive steps that accumulate in scratch
-SEMANTICS = pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary"))
+# 64 MiB of scoped VMEM: 8 heads of 256-row tiles, double-buffered, pass v5e's 16 MiB default (128 MiB physical)
+SEMANTICS = pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary"),
+                                 vmem_limit_bytes=64 * 2**20)
 OWN = lambda s, rows, cols: rows[s]     # the tile a step works for (its output)  # noqa: E731
 OTHER = lambda s, rows, cols: cols[s]   # the block it visits  # noqa: E731
 
@@ -74,17 +78,24 @@ def _dot(a, b):
     return jnp.dot(a, b, preferred_element_type=jnp.float32)
 
 
-def _tile(layout: TileLayout, kv_layout: TileLayout) -> HeadLanes:
-    """How a grid step's heads sit in its tiles; the query and key tiles must hold the same heads alike."""
-    if (layout.heads_per_block, layout.stacked) != (kv_layout.heads_per_block, kv_layout.stacked):
-        raise ValueError("q and kv layouts must hold the same heads per tile, laid out alike")
-    return HeadLanes(layout.heads_per_block, layout.head_dim, layout.stacked)
+def _tile(layout: TileLayout, kv_layout: TileLayout) -> TileHeads:
+    """How a grid step's heads sit in its tiles: the key-side tile holds the same heads, or under
+    grouped-query attention in place their kv heads."""
+    if layout.in_place != kv_layout.in_place or layout.heads_per_block % kv_layout.heads_per_block:
+        raise ValueError("q and kv layouts must both be in place or both transposed, with matching heads")
+    return TileHeads(layout.heads_per_block, layout.heads_per_block // kv_layout.heads_per_block, layout.in_place)
+
+
+def _kv_head(layout: TileLayout, group: int):
+    """Index map of the key-side head block for query head block h: the same block index in place (its
+    block holds h's kv heads), h // group transposed (one head a tile under GQA)."""
+    return (lambda h: h) if layout.in_place else (lambda h: h // group)
 
 
 # --------------------------------------------------------------------------------------------- forward
 
 def _fwd_kernel(rows_ref, cols_ref, kind_ref, first_ref, last_ref, q_ref, k_ref, v_ref, *refs, mask, seq_len,
-                block_q, block_k, scale, tile: HeadLanes, has_partial):
+                block_q, block_k, scale, tile: TileHeads, has_partial):
     if has_partial:
         o_part_ref, lse_part_ref, o_ref, lse_ref, m_sc, l_sc, acc_sc = refs
     else:
@@ -94,76 +105,73 @@ def _fwd_kernel(rows_ref, cols_ref, kind_ref, first_ref, last_ref, q_ref, k_ref,
 
     @pl.when(first_ref[s] == 1)
     def _init():
-        if has_partial:  # rows the earlier pass saw nothing for have lse = -inf (and o = 0): start empty
-            seen = lse_part_ref[...] > -jnp.inf
-            m_sc[...] = jnp.where(seen, lse_part_ref[...], MASK_VALUE)
-            l_sc[...] = seen.astype(jnp.float32)
-            acc_sc[...] = o_part_ref[...].astype(jnp.float32)
-        else:
-            m_sc[...] = jnp.full(m_sc.shape, MASK_VALUE, jnp.float32)
-            l_sc[...] = jnp.zeros(l_sc.shape, jnp.float32)
-            acc_sc[...] = jnp.zeros(acc_sc.shape, jnp.float32)
+        for j in range(tile.heads):
+            if has_partial:  # rows the earlier pass saw nothing for have lse = -inf (and o = 0): start empty
+                lse = column(lse_part_ref, j)
+                seen = lse > -jnp.inf
+                m_sc[j] = jnp.where(seen, lse, MASK_VALUE)
+                l_sc[j] = seen.astype(jnp.float32)
+                acc_sc[j] = tile.q(o_part_ref, j).astype(jnp.float32)
+            else:
+                m_sc[j] = jnp.full(m_sc.shape[1:], MASK_VALUE, jnp.float32)
+                l_sc[j] = jnp.zeros(l_sc.shape[1:], jnp.float32)
+                acc_sc[j] = jnp.zeros(acc_sc.shape[1:], jnp.float32)
 
     def update(apply_mask):
         if apply_mask:
             vis = _visible(mask, seq_len, qt * block_q, kb * block_k, block_q, block_k)
-        for win, heads in tile.windows():
-            q, k, v = q_ref[win], k_ref[win], v_ref[win]
-            alphas, pvs = [], []
-            for j, slot in heads:
-                scores = _dot_t(tile.slot(q, slot), k) * scale
-                if apply_mask:
-                    scores = jnp.where(vis, scores, MASK_VALUE)
-                m_prev = m_sc[j]
-                m_new = jnp.maximum(m_prev, scores.max(axis=1, keepdims=True))
-                p = jnp.exp(scores - m_new)
-                if apply_mask:  # a row with no visible key in this tile must add nothing
-                    p = jnp.where(vis, p, 0.0)
-                alpha = jnp.exp(m_prev - m_new)
-                l_sc[j] = alpha * l_sc[j] + p.sum(axis=1, keepdims=True)
-                m_sc[j] = m_new
-                alphas.append(alpha)
-                pvs.append(_dot(p.astype(v.dtype), v))
-            acc_sc[win] = tile.join(alphas) * acc_sc[win] + tile.join(pvs)
+        for j in range(tile.heads):
+            k, v = tile.kv(k_ref, j), tile.kv(v_ref, j)
+            scores = _dot_t(tile.q(q_ref, j), k) * scale
+            if apply_mask:
+                scores = jnp.where(vis, scores, MASK_VALUE)
+            m_prev = m_sc[j]
+            m_new = jnp.maximum(m_prev, scores.max(axis=1, keepdims=True))
+            p = jnp.exp(scores - m_new)
+            if apply_mask:  # a row with no visible key in this tile must add nothing
+                p = jnp.where(vis, p, 0.0)
+            alpha = jnp.exp(m_prev - m_new)
+            l_sc[j] = alpha * l_sc[j] + p.sum(axis=1, keepdims=True)
+            m_sc[j] = m_new
+            acc_sc[j] = alpha * acc_sc[j] + _dot(p.astype(v.dtype), v)
 
     _when_visited(kind_ref[s], update)
 
     @pl.when(last_ref[s] == 1)
     def _finish():
-        l = l_sc[...]  # [heads, rows, 1]
-        empty = l == 0.0  # no visible key in the whole pass: o = 0, lse = -inf
-        l = jnp.where(empty, 1.0, l)
-        for win, heads in tile.windows():
-            o_ref[win] = (acc_sc[win] / tile.join([l[j] for j, _ in heads])).astype(o_ref.dtype)
-        lse_ref[...] = jnp.where(empty, -jnp.inf, m_sc[...] + jnp.log(l))
+        for j in range(tile.heads):
+            l = l_sc[j]  # [rows, 1]
+            empty = l == 0.0  # no visible key in the whole pass: o = 0, lse = -inf
+            l = jnp.where(empty, 1.0, l)
+            tile.store(o_ref, j, acc_sc[j] / l)
+            lse_ref[j] = lanes(jnp.where(empty, -jnp.inf, m_sc[j] + jnp.log(l)))
 
 
 def pass_forward(q, k, v, mask: DiagonalMask | SummaryMask, layout: TileLayout, *, batch, heads, kv_heads,
                  block_q, block_k, out_dtype, kv_layout: TileLayout | None = None, partial=None, interpret=False):
     """One pass's forward. q and partial[0] in `layout`, k and v in `kv_layout` (default: `layout`);
-    partial[1] and the returned lse are [B, H, T, 1] float32 in the pass's order.
-    Returns (o in `layout`, out_dtype; lse)."""
+    partial[1] and the returned lse are lane-dense, [B, H, 8, T] float32 in the pass's order
+    (`TileLayout.lanes_to`). Returns (o in `layout`, out_dtype; lse)."""
     t, d = layout.seq_len, layout.head_dim
     kv_layout = kv_layout or layout
     tile = _tile(layout, kv_layout)
-    slots = tile.heads
-    group = heads // kv_heads
     visits = forward_schedule(mask, t, block_q, block_k, kv_layout.seq_len).visits()
-    q_spec = layout.spec(block_q, heads, OWN, lambda h: h)
-    kv_spec = kv_layout.spec(block_k, kv_heads, OTHER, lambda h: h // group)
-    lse_spec = rows_spec(block_q, slots, OWN)
+    q_spec = layout.spec(block_q, OWN, lambda h: h)
+    kv_spec = kv_layout.spec(block_k, OTHER, _kv_head(kv_layout, heads // kv_heads))
+    lse_spec = lanes_spec(block_q, tile.heads, OWN)
     in_specs = [q_spec, kv_spec, kv_spec] + ([q_spec, lse_spec] if partial is not None else [])
     kernel = functools.partial(_fwd_kernel, mask=mask, seq_len=t, block_q=block_q, block_k=block_k,
                                scale=d ** -0.5, tile=tile, has_partial=partial is not None)
     return pl.pallas_call(
         kernel,
         grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=5, grid=(batch, heads // slots, len(visits)),
+            num_scalar_prefetch=5, grid=(batch, heads // tile.heads, len(visits)),
             in_specs=in_specs, out_specs=[q_spec, lse_spec],
-            scratch_shapes=[pltpu.VMEM((slots, block_q, 1), jnp.float32), pltpu.VMEM((slots, block_q, 1), jnp.float32),
+            scratch_shapes=[pltpu.VMEM((tile.heads, block_q, 1), jnp.float32),
+                            pltpu.VMEM((tile.heads, block_q, 1), jnp.float32),
                             pltpu.VMEM(layout.tile_shape(block_q), jnp.float32)]),
         out_shape=[jax.ShapeDtypeStruct(layout.shape(batch, heads), out_dtype),
-                   jax.ShapeDtypeStruct((batch, heads, t, 1), jnp.float32)],
+                   jax.ShapeDtypeStruct((batch, heads, SUBLANES, t), jnp.float32)],
         compiler_params=SEMANTICS, interpret=interpret, name="sparse_attention_fwd",
     )(*map(jnp.asarray, visits.prefetch()), q, k, v, *(partial or ()))
 
@@ -171,7 +179,7 @@ def pass_forward(q, k, v, mask: DiagonalMask | SummaryMask, layout: TileLayout, 
 # -------------------------------------------------------------------------------------------- backward
 
 def _dq_kernel(rows_ref, cols_ref, kind_ref, first_ref, last_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
-               *refs, mask, seq_len, block_q, block_k, scale, tile: HeadLanes, has_partial):
+               *refs, mask, seq_len, block_q, block_k, scale, tile: TileHeads, has_partial):
     if has_partial:
         dq_part_ref, dq_ref, dq_sc = refs
     else:
@@ -186,30 +194,28 @@ def _dq_kernel(rows_ref, cols_ref, kind_ref, first_ref, last_ref, q_ref, k_ref, 
     def update(apply_mask):
         if apply_mask:
             vis = _visible(mask, seq_len, qt * block_q, kb * block_k, block_q, block_k)
-        for win, heads in tile.windows():
-            q, k, v, do = q_ref[win], k_ref[win], v_ref[win], do_ref[win]
-            dqs = []
-            for j, slot in heads:
-                p = jnp.exp(_dot_t(tile.slot(q, slot), k) * scale - column(lse_ref, j))
-                if apply_mask:
-                    p = jnp.where(vis, p, 0.0)
-                dp = _dot_t(tile.slot(do, slot), v)
-                ds = p * (dp - column(delta_ref, j))
-                dqs.append(_dot(ds.astype(k.dtype), k))
-            dq_sc[win] += tile.join(dqs)
+        for j in range(tile.heads):
+            k, v = tile.kv(k_ref, j), tile.kv(v_ref, j)
+            p = jnp.exp(_dot_t(tile.q(q_ref, j), k) * scale - column(lse_ref, j))
+            if apply_mask:
+                p = jnp.where(vis, p, 0.0)
+            dp = _dot_t(tile.q(do_ref, j), v)
+            ds = p * (dp - column(delta_ref, j))
+            dq_sc[j] += _dot(ds.astype(k.dtype), k)
 
     _when_visited(kind_ref[s], update)
 
     @pl.when(last_ref[s] == 1)
     def _finish():
-        dq = dq_sc[...] * scale
-        if has_partial:
-            dq = dq + dq_part_ref[...]
-        dq_ref[...] = dq.astype(dq_ref.dtype)
+        for j in range(tile.heads):
+            dq = dq_sc[j] * scale
+            if has_partial:
+                dq = dq + tile.q(dq_part_ref, j)
+            tile.store(dq_ref, j, dq)
 
 
 def _dkv_kernel(rows_ref, cols_ref, kind_ref, first_ref, last_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
-                *refs, mask, seq_len, block_q, block_k, scale, tile: HeadLanes, has_partial):
+                *refs, mask, seq_len, block_q, block_k, scale, tile: TileHeads, has_partial):
     if has_partial:
         dk_part_ref, dv_part_ref, dk_ref, dv_ref, dk_sc, dv_sc = refs
     else:
@@ -225,55 +231,54 @@ def _dkv_kernel(rows_ref, cols_ref, kind_ref, first_ref, last_ref, q_ref, k_ref,
     def update(apply_mask):
         if apply_mask:
             vis = _visible(mask, seq_len, qb * block_q, kt * block_k, block_q, block_k, transposed=True)
-        for win, heads in tile.windows():
-            q, k, v, do = q_ref[win], k_ref[win], v_ref[win], do_ref[win]
-            dks, dvs = [], []
-            for j, slot in heads:  # transposed scores [block_k, block_q], statistics as [1, block_q] rows
-                p = jnp.exp(_dot_t(k, tile.slot(q, slot)) * scale - row(lse_ref, j))
-                if apply_mask:
-                    p = jnp.where(vis, p, 0.0)
-                dvs.append(_dot(p.astype(do.dtype), do))
-                dp = _dot_t(v, tile.slot(do, slot))
-                ds = p * (dp - row(delta_ref, j))
-                dks.append(_dot(ds.astype(q.dtype), q))
-            dk_sc[win] += tile.join(dks)
-            dv_sc[win] += tile.join(dvs)
+        for j in range(tile.heads):  # transposed scores [block_k, block_q], statistics as [1, block_q] rows
+            q, do = tile.q(q_ref, j), tile.q(do_ref, j)
+            k, v = tile.kv(k_ref, j), tile.kv(v_ref, j)
+            p = jnp.exp(_dot_t(k, q) * scale - row(lse_ref, j))
+            if apply_mask:
+                p = jnp.where(vis, p, 0.0)
+            dv_sc[j] += _dot(p.astype(do.dtype), do)
+            dp = _dot_t(v, do)
+            ds = p * (dp - row(delta_ref, j))
+            dk_sc[j] += _dot(ds.astype(q.dtype), q)
 
     _when_visited(kind_ref[s], update)
 
     @pl.when(last_ref[s] == 1)
-    def _finish():
-        dk, dv = dk_sc[...] * scale, dv_sc[...]
-        if has_partial:
-            dk, dv = dk + dk_part_ref[...], dv + dv_part_ref[...]
-        dk_ref[...] = dk.astype(dk_ref.dtype)
-        dv_ref[...] = dv.astype(dv_ref.dtype)
+    def _finish():  # dk, dv per query head: the output tiles hold the query heads (store, not kv)
+        for j in range(tile.heads):
+            dk, dv = dk_sc[j] * scale, dv_sc[j]
+            if has_partial:
+                dk, dv = dk + tile.q(dk_part_ref, j), dv + tile.q(dv_part_ref, j)
+            tile.store(dk_ref, j, dk)
+            tile.store(dv_ref, j, dv)
 
 
 def pass_backward(q, k, v, do, lse, delta, mask: DiagonalMask | SummaryMask, layout: TileLayout, *, batch, heads,
                   kv_heads, block_q, block_k, dq_dtype, dkv_dtype, kv_layout: TileLayout | None = None,
                   dq_partial=None, dkv_partial=None, interpret=False):
-    """Gradients of one pass. q, do, dq_partial in `layout`; k, v, dkv_partial in `kv_layout` (default:
-    `layout`); lse, delta lane-dense, [B, H, 8, T] f32 in the pass's order (`TileLayout.lanes_to`).
-    The partials (None or the earlier passes' f32 dq, and (dk, dv) per query head) are added before writing.
-    Returns dq (dq_dtype, in `layout`) and dk, dv per query head (dkv_dtype, in `kv_layout`)."""
+    """Gradients of one pass. q, do, dq_partial in `layout`; k, v in `kv_layout` (default: `layout`);
+    dkv_partial in `kv_layout` with the query heads; lse, delta lane-dense, [B, H, 8, T] f32 in the pass's
+    order (`TileLayout.lanes_to`). The partials (None or the earlier passes' f32 dq, and (dk, dv) per
+    query head) are added before writing. Returns dq (dq_dtype, in `layout`) and dk, dv per query head
+    (dkv_dtype, in `kv_layout`)."""
     t, n_keys = layout.seq_len, (kv_layout or layout).seq_len
     kv_layout = kv_layout or layout
     tile = _tile(layout, kv_layout)
-    slots = tile.heads
-    group = heads // kv_heads
+    kv_head = _kv_head(kv_layout, heads // kv_heads)
+    dkv_layout = dataclasses.replace(kv_layout, heads_per_block=tile.heads)  # per query head
     static = dict(mask=mask, seq_len=t, block_q=block_q, block_k=block_k, scale=layout.head_dim ** -0.5,
                   tile=tile)
-    prefetch = lambda visits: tuple(map(jnp.asarray, visits.prefetch()))
+    prefetch = lambda visits: tuple(map(jnp.asarray, visits.prefetch()))  # noqa: E731
 
     fwd = forward_schedule(mask, t, block_q, block_k, n_keys).visits()
-    q_row = layout.spec(block_q, heads, OWN, lambda h: h)
-    kv_col = kv_layout.spec(block_k, kv_heads, OTHER, lambda h: h // group)
-    stat_row = lanes_spec(block_q, slots, OWN)
+    q_row = layout.spec(block_q, OWN, lambda h: h)
+    kv_col = kv_layout.spec(block_k, OTHER, kv_head)
+    stat_row = lanes_spec(block_q, tile.heads, OWN)
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, has_partial=dq_partial is not None, **static),
         grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=5, grid=(batch, heads // slots, len(fwd)),
+            num_scalar_prefetch=5, grid=(batch, heads // tile.heads, len(fwd)),
             in_specs=[q_row, kv_col, kv_col, q_row, stat_row, stat_row] + ([q_row] if dq_partial is not None else []),
             out_specs=q_row,
             scratch_shapes=[pltpu.VMEM(layout.tile_shape(block_q), jnp.float32)]),
@@ -282,18 +287,18 @@ def pass_backward(q, k, v, do, lse, delta, mask: DiagonalMask | SummaryMask, lay
     )(*prefetch(fwd), q, k, v, do, lse, delta, *([dq_partial] if dq_partial is not None else []))
 
     bwd = transposed_schedule(mask, t, block_q, block_k, n_keys).visits()
-    q_col = layout.spec(block_q, heads, OTHER, lambda h: h)
-    stat_col = lanes_spec(block_q, slots, OTHER)
-    kv_row = kv_layout.spec(block_k, kv_heads, OWN, lambda h: h // group)
-    dkv_row = kv_layout.spec(block_k, heads, OWN, lambda h: h)  # per query head
+    q_col = layout.spec(block_q, OTHER, lambda h: h)
+    stat_col = lanes_spec(block_q, tile.heads, OTHER)
+    kv_row = kv_layout.spec(block_k, OWN, kv_head)
+    dkv_row = dkv_layout.spec(block_k, OWN, lambda h: h)
     dk, dv = pl.pallas_call(
         functools.partial(_dkv_kernel, has_partial=dkv_partial is not None, **static),
         grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=5, grid=(batch, heads // slots, len(bwd)),
+            num_scalar_prefetch=5, grid=(batch, heads // tile.heads, len(bwd)),
             in_specs=[q_col, kv_row, kv_row, q_col, stat_col, stat_col] + [dkv_row] * len(dkv_partial or ()),
             out_specs=[dkv_row, dkv_row],
-            scratch_shapes=[pltpu.VMEM(kv_layout.tile_shape(block_k), jnp.float32)] * 2),
-        out_shape=[jax.ShapeDtypeStruct(kv_layout.shape(batch, heads), dkv_dtype)] * 2,
+            scratch_shapes=[pltpu.VMEM(dkv_layout.tile_shape(block_k), jnp.float32)] * 2),
+        out_shape=[jax.ShapeDtypeStruct(dkv_layout.shape(batch, heads), dkv_dtype)] * 2,
         compiler_params=SEMANTICS, interpret=interpret, name="sparse_attention_dkv",
     )(*prefetch(bwd), q, k, v, do, lse, delta, *(dkv_partial or ()))
     return dq, dk, dv

@@ -25,11 +25,11 @@ PEAK_TFLOPS = {"v5e": 197.0, "v6e": 918.0}  # dense bf16 per chip
 STEP_US = 0.35
 
 
-def estimate(pattern, seq: int, batch: int, heads: int, head_dim: int, chip: str = "v5e", tile_lanes: int = 256):
+def estimate(pattern, seq: int, batch: int, heads: int, head_dim: int, chip: str = "v5e", tile_heads: int = 8):
     """Dict of heads a step per pass, visited pairs, MXU ms and step ms (forward and backward)."""
     x = jax.ShapeDtypeStruct((batch, seq, heads, head_dim), jnp.bfloat16)
     block = default_block_for(pattern, seq)
-    with mock.patch.object(pallas_tpu_layout, "TILE_LANES", tile_lanes):  # set for this plan only
+    with mock.patch.object(pallas_tpu_layout, "TILE_HEADS", tile_heads):  # set for this plan only
         plan = plan_passes(pattern, x, x, block, block)
     pairs = steps_fwd = steps_bwd = 0
     for pp in plan:
@@ -41,15 +41,16 @@ def estimate(pattern, seq: int, batch: int, heads: int, head_dim: int, chip: str
         steps_fwd += fwd_steps * head_steps
         steps_bwd += (fwd_steps + len(bwd.visits())) * head_steps  # the dq kernel walks fwd, dk/dv walks bwd
     ms = lambda flops: flops / (PEAK_TFLOPS[chip] * 1e12) * 1e3
-    return dict(seq=seq, head_dim=head_dim, tile_lanes=tile_lanes,
+    return dict(seq=seq, head_dim=head_dim, tile_heads=tile_heads,
                 heads_a_step=[pp.q_layout.heads_per_block for pp in plan], visited_pairs=pairs,
                 mxu_fwd_ms=ms(4 * head_dim * pairs), mxu_bwd_ms=ms(14 * head_dim * pairs),
                 steps_fwd=steps_fwd, steps_bwd=steps_bwd,
                 step_fwd_ms=steps_fwd * STEP_US / 1e3, step_bwd_ms=steps_bwd * STEP_US / 1e3)
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def shape_parser(description: str) -> argparse.ArgumentParser:
+    """The shape options the TPU estimate and compile commands share (the benchmark's, TPU-sized)."""
+    p = argparse.ArgumentParser(description=description)
     p.add_argument("--pattern", default="local_strided")
     p.add_argument("--window", type=int, default=256)
     p.add_argument("--stride", type=int, default=256)
@@ -57,21 +58,26 @@ def main(argv=None):
     p.add_argument("--tokens", type=int, default=32768, help="batch = tokens // seq")
     p.add_argument("--heads", type=int, default=16)
     p.add_argument("--head-dim", default="128", help="comma-separated")
-    p.add_argument("--tile-lanes", default="128,256,512", help="comma-separated TILE_LANES to compare")
+    return p
+
+
+def main(argv=None):
+    p = shape_parser(__doc__.split("\n\n")[0])
+    p.add_argument("--tile-heads", default="8,16", help="comma-separated TILE_HEADS to compare")
     p.add_argument("--chip", default="v5e", choices=sorted(PEAK_TFLOPS))
     args = p.parse_args(argv)
     try:
         pattern = patterns.from_name(args.pattern, window=args.window, stride=args.stride)
     except ValueError as e:
         raise SystemExit(f"error: --pattern {args.pattern}: {e}")
-    rows = [estimate(pattern, seq, max(1, args.tokens // seq), args.heads, d, args.chip, lanes)
-            for d in map(int, args.head_dim.split(",")) for lanes in map(int, args.tile_lanes.split(","))
+    rows = [estimate(pattern, seq, max(1, args.tokens // seq), args.heads, d, args.chip, n)
+            for d in map(int, args.head_dim.split(",")) for n in map(int, args.tile_heads.split(","))
             for seq in map(int, args.seq.split(","))]
     print(f"{pattern}, {args.heads} heads, {args.tokens} tokens a batch, {args.chip}: estimates, not measurements")
-    print("| head_dim | TILE_LANES | seq | heads a step | MXU fwd / bwd ms | grid steps fwd / bwd | step cost fwd / bwd ms |")
+    print("| head_dim | TILE_HEADS | seq | heads a step | MXU fwd / bwd ms | grid steps fwd / bwd | step cost fwd / bwd ms |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['head_dim']} | {r['tile_lanes']} | {r['seq']} | {r['heads_a_step']} | "
+        print(f"| {r['head_dim']} | {r['tile_heads']} | {r['seq']} | {r['heads_a_step']} | "
               f"{r['mxu_fwd_ms']:.2f} / {r['mxu_bwd_ms']:.2f} | {r['steps_fwd']} / {r['steps_bwd']} | "
               f"{r['step_fwd_ms']:.2f} / {r['step_bwd_ms']:.2f} |")
     return rows

@@ -1,5 +1,5 @@
 """Shared test helpers. Tests run on CPU; GPU-only and TPU-only tests carry the `gpu` / `tpu` markers and
-skip without one."""
+skip without one; `tpu_aot` tests compile for a TPU with libtpu and skip without it."""
 
 from __future__ import annotations
 
@@ -15,6 +15,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped without one)")
     config.addinivalue_line("markers", "tpu: needs a TPU (skipped without one)")
+    config.addinivalue_line("markers", "tpu_aot: compiles for a TPU chip with libtpu, no TPU needed (skipped "
+                            "without libtpu: pip install -e '.[tpu]')")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -26,6 +28,12 @@ def pytest_collection_modifyitems(config, items):
             for item in items:
                 if marker in item.keywords:
                     item.add_marker(pytest.mark.skip(reason=f"needs {name}"))
+    from kernels.tpu_compile import have_libtpu
+
+    if not have_libtpu():
+        for item in items:
+            if "tpu_aot" in item.keywords:
+                item.add_marker(pytest.mark.skip(reason="needs libtpu (pip install -e '.[tpu]')"))
 
 
 def tiny_config(**sections):

@@ -4,6 +4,7 @@ why, timings are positive, and the FLOP count follows the documented pairs-based
 import json
 
 import jax
+import pytest
 
 from kernels import bench, patterns
 
@@ -53,15 +54,14 @@ def test_variants_set_the_kernel_switches_only_while_timed(monkeypatch):
     from kernels import pallas_gpu, pallas_tpu_layout
 
     switches = lambda: (pallas_gpu.PINGPONG, pallas_gpu.STRIDED_IN_PLACE, pallas_tpu_layout.IN_PLACE,
-                        pallas_tpu_layout.TILE_LANES)
+                        pallas_tpu_layout.TILE_HEADS)
     seen = []
     monkeypatch.setattr(bench, "_bench_jax", lambda *a: seen.append(switches()) or (patterns.dense(), 1.0, 2.0))
     rows = bench.main(["--seq", "128", "--tokens", "128", "--heads", "1", "--head-dim", "64", "--impls", "ours",
-                       "--variants", "default,no-pingpong,transposed,head-per-step"])
-    assert [r["impl"] for r in rows] == ["ours", "ours:no-pingpong", "ours:transposed", "ours:head-per-step"]
-    assert seen == [(True, True, True, 256), (False, True, True, 256), (True, False, False, 256),
-                    (True, True, True, 128)]
-    assert switches() == (True, True, True, 256)  # restored
+                       "--variants", "default,no-pingpong,transposed,heads-16"])
+    assert [r["impl"] for r in rows] == ["ours", "ours:no-pingpong", "ours:transposed", "ours:heads-16"]
+    assert seen == [(True, True, True, 8), (False, True, True, 8), (True, False, False, 8), (True, True, True, 16)]
+    assert switches() == (True, True, True, 8)  # restored
 
 
 def test_per_head_pattern_rows_and_bad_pattern_names():
@@ -105,11 +105,44 @@ def test_tpu_estimate_counts_what_the_kernel_visits():
     from kernels.tpu_estimate import estimate, main
 
     pattern = patterns.local_strided(256, 256)
-    one, two = (estimate(pattern, 8192, 4, 16, 128, tile_lanes=lanes) for lanes in (128, 256))
-    assert one["heads_a_step"] == [1, 1] and two["heads_a_step"] == [2, 2]
-    assert two["steps_fwd"] * 2 == one["steps_fwd"] and two["steps_bwd"] * 2 == one["steps_bwd"]
-    assert pattern.pairs(8192) * 4 * 16 <= one["visited_pairs"] <= 8192 * 8192 * 4 * 16  # blocks cover the pairs
-    dense = estimate(patterns.dense(), 8192, 1, 1, 128, tile_lanes=128)
+    eight, sixteen = (estimate(pattern, 8192, 4, 16, 128, tile_heads=n) for n in (8, 16))
+    assert eight["heads_a_step"] == [8, 8] and sixteen["heads_a_step"] == [16, 16]
+    assert sixteen["steps_fwd"] * 2 == eight["steps_fwd"] and sixteen["steps_bwd"] * 2 == eight["steps_bwd"]
+    assert pattern.pairs(8192) * 4 * 16 <= eight["visited_pairs"] <= 8192 * 8192 * 4 * 16  # blocks cover the pairs
+    dense = estimate(patterns.dense(), 8192, 1, 1, 128)
     assert dense["steps_fwd"] == 16 * 17 // 2  # 512-row tiles, one step per visited block: no padding
-    rows = main(["--seq", "2048", "--tokens", "2048", "--heads", "4", "--head-dim", "64", "--tile-lanes", "256"])
-    assert rows[0]["heads_a_step"] == [4, 4]
+    rows = main(["--seq", "2048", "--tokens", "2048", "--heads", "12", "--head-dim", "64", "--tile-heads", "8"])
+    assert rows[0]["heads_a_step"] == [12, 12]  # 8 does not divide 12: all of them
+
+
+def test_tpu_compile_counts_the_bytes_xla_writes_outside_the_kernels(monkeypatch):
+    """On a compiled program's entry computation: copies, reshapes and fusions count at their result's
+    bytes; views (bitcast), tuple pieces, parameters and the kernels themselves do not."""
+    from kernels import tpu_compile
+
+    hlo = """HloModule m
+
+%fused (p: f32[4,8]) -> f32[4,8] {
+  %p = f32[4,8]{1,0} parameter(0)
+  ROOT %n = f32[4,8]{1,0} negate(%p)
+}
+
+ENTRY %main (q: bf16[2,64,16,128]) -> bf16[2,64,16,128] {
+  %q = bf16[2,64,16,128]{3,2,1,0:T(8,128)(2,1)} parameter(0), sharding={replicated}
+  %b = bf16[2,8,8,16,128]{4,3,2,1,0:T(8,128)(2,1)} bitcast(%q)
+  %r = bf16[2,64,2048]{2,1,0:T(8,128)(2,1)} reshape(%q)
+  %k = (bf16[2,64,2048]{2,1,0}, f32[2,16,8,64]{3,2,1,0}) custom-call(%r), custom_call_target="tpu_custom_call"
+  %o = bf16[2,64,2048]{2,1,0} get-tuple-element(%k), index=0
+  %f = f32[4,8]{1,0} fusion(%o), kind=kLoop, calls=%fused
+  ROOT %c = bf16[2,64,16,128]{3,2,1,0:T(8,128)(2,1)} copy(%o)
+}
+"""
+    ops = tpu_compile.data_ops(hlo)
+    array = 2 * 64 * 16 * 128 * 2
+    assert ops == [("reshape", "bf16[2,64,2048]", array), ("fusion", "f32[4,8]", 128), ("copy", "bf16[2,64,16,128]", array)]
+    assert tpu_compile.kernel_count(hlo) == 1
+    monkeypatch.setattr(tpu_compile, "have_libtpu", lambda: False)
+    with pytest.raises(SystemExit, match="libtpu is not installed"):
+        tpu_compile.main(["--seq", "2048"])
+    with pytest.raises(SystemExit, match="--chip v7"):
+        tpu_compile.main(["--chip", "v7"])

@@ -44,19 +44,18 @@ CASES = [
     (patterns.local_strided(16, 16), 2, 128, 2, 2, 32, 32, 32, "window == stride"),
     (patterns.local_strided(24, 8), 1, 128, 2, 1, 64, 32, 16, "window > stride, GQA, bq != bk"),
     (patterns.local_strided(8, 32), 1, 256, 2, 2, 128, 64, 64,
-     "window < stride; 8 rows per residue packed 8 to a tile; rows p=0 have no strided keys"),
+     "window < stride; 8 rows per residue, 8 whole residues a tile in place; rows p=0 have no strided keys"),
     (patterns.local_strided(40, 16), 1, 128, 2, 2, 32, 16, 32, "window not a multiple of stride"),
     (patterns.dense(), 1, 64, 2, 1, 32, 16, 16, "dense causal, GQA"),
     (patterns.local(20), 1, 128, 2, 2, 32, 32, 16, "band only"),
     (patterns.strided(16), 1, 128, 2, 2, 32, 32, 32, "strided only"),
-    # head_dim 128: both passes read and write [B, T, H, D] in place (one lane block per head)
+    # both passes read and write [B, T, H, D] in place where tiles lie within a residue: (rows, heads, D)
+    # blocks of all the heads (fewer than 8) or of 8 of them
     (patterns.local_strided(16, 8), 1, 256, 2, 1, 128, 32, 32, "in place: one tile per residue, GQA"),
     (patterns.local_strided(8, 4), 2, 256, 2, 2, 128, 32, 16, "in place: several tiles per residue"),
     (patterns.strided(8), 1, 128, 2, 2, 128, 16, 16, "in place: strided only"),
-    # several heads a grid step: above, two of 128 lanes ("several tiles per residue"); here narrower heads,
-    # which share 128-lane windows (the GQA and 2-head cases with head_dim < 128 above stay transposed)
-    (patterns.local_strided(16, 8), 1, 256, 4, 4, 64, 32, 32, "head_dim 64 in place: four heads a step, two windows"),
-    (patterns.local_strided(8, 4), 1, 256, 4, 4, 32, 16, 32, "head_dim 32 in place: four heads a window, bq < bk"),
+    (patterns.local_strided(16, 8), 1, 256, 16, 16, 32, 32, 32, "in place: two blocks of 8 heads"),
+    (patterns.local_strided(8, 4), 1, 256, 8, 2, 64, 16, 32, "in place GQA: 8 query heads read 2 kv heads, bq < bk"),
     # fixed(block, c): block-diagonal causal, then the gathered summary keys of earlier blocks
     (patterns.fixed(16, 4), 1, 128, 2, 1, 32, 32, 16, "fixed: blocks smaller than a tile, GQA"),
     (patterns.fixed(32, 3), 1, 128, 2, 2, 128, 16, 16, "fixed: summary keys padded to a key block, in place"),
@@ -107,10 +106,10 @@ def test_strided_pass_rows_without_keys_get_zero_and_minus_inf():
     pattern, t, s = patterns.local_strided(8, 8), 64, 8
     (_, strided_pass) = passes_for(pattern, t)
     q, k, v, _ = _inputs(3, 1, t, 1, 1, 32, jnp.float32)
-    lay = TileLayout.choose(t, s, 32, (16, 16))
+    lay = TileLayout.choose(t, s, 32, (16,), heads_per_block(1, 1))
     o, lse = pass_forward(lay.to(q), lay.to(k), lay.to(v), strided_pass.mask, lay, batch=1, heads=1, kv_heads=1,
                           block_q=16, block_k=16, out_dtype=jnp.float32, interpret=INTERPRET)
-    o, lse = np.asarray(lay.back(o, 1))[0, :, 0], np.asarray(lay.rows_back(lse))[0, 0]
+    o, lse = np.asarray(lay.back(o, 1))[0, :, 0], np.asarray(lay.lanes_back(lse))[0, 0]
     first_row = np.arange(t) < s  # natural positions 0..S-1 are p = 0 of their residue
     assert np.isneginf(lse[first_row]).all() and np.isfinite(lse[~first_row]).all()
     assert (o[first_row] == 0).all()
@@ -146,59 +145,58 @@ def test_auto_is_reference_on_cpu():
 
 
 def test_in_place_where_tiles_are_legal_blocks():
-    """Mosaic's (8, 128) rule: a (rows, D) block of the [B, T/S, S*H*D] view needs D % 128 == 0, and a
-    tile must lie inside one residue of T/S rows; otherwise the pass takes transposed copies."""
-    assert TileLayout.choose(32768, 256, 128, (128, 128)).in_place       # 128 rows per residue
-    assert TileLayout.choose(8192, 1, 128, (256, 256)).in_place          # band pass, natural order
-    assert not TileLayout.choose(2048, 256, 128, (128, 128)).in_place    # 8 rows: packed residues
-    assert not TileLayout.choose(8192, 1, 64, (256, 256)).in_place       # 64 lanes: not a legal block
-    assert not TileLayout.choose(24576, 256, 128, (128, 128)).in_place   # 96 rows: tiles would straddle
-    assert TileLayout.choose(8192, 1, 64, (256, 256), 2).in_place        # two heads of 64: 128 lanes
+    """A (rows, heads, D) block of the [B, T/S, S, H, D] view: Mosaic's rule wants its heads a multiple
+    of 8 or all of them (any D: it is the whole dimension), and a tile must lie inside one residue of
+    T/S rows or hold whole ones; otherwise the pass takes transposed copies."""
+    assert TileLayout.choose(32768, 256, 128, (128,), 8).in_place       # 128 rows per residue
+    assert TileLayout.choose(8192, 1, 64, (256,), 8).in_place           # band pass, natural order, head_dim 64
+    assert TileLayout.choose(8192, 1, 96, (256,), 8).in_place           # GPT-3 Large's 96
+    assert TileLayout.choose(2048, 256, 128, (128,), 8).in_place        # 8 rows: 16 residues packed a tile
+    assert not TileLayout.choose(40, 5, 128, (16,), 8).in_place         # 8 rows: 16-row tiles of 2 of 5 residues
+    assert not TileLayout.choose(24576, 256, 128, (128,), 8).in_place   # 96 rows: tiles would straddle
+    assert not TileLayout.choose(8192, 1, 128, (256,), 0).in_place      # no legal block of heads
+    assert not TileLayout.choose(8192, 1, 128, (512,), 96).in_place     # 96 heads of 512 rows: too much VMEM
 
 
 def test_heads_per_grid_step():
-    """Up to TILE_LANES = 256 lanes of heads a step (in place: in multiples of 128 lanes), only when kv
-    heads match."""
-    assert heads_per_block(64, 12, 12) == 4    # GPT-3 Small: two 128-lane windows of two heads
-    assert heads_per_block(32, 8, 8) == 8
-    assert heads_per_block(128, 16, 16) == 2
-    assert heads_per_block(256, 4, 4) == 1     # one head is already 256 lanes
-    assert heads_per_block(64, 6, 6) == 2      # 4 does not divide 6, and 3 heads are 192 lanes
-    assert heads_per_block(128, 16, 4) == 1    # GQA: one head a step
-    assert heads_per_block(64, 12, 4) == 1     # GQA: two query heads of a tile would need one kv head's 64 lanes
-    assert heads_per_block(64, 3, 3) == 1      # an odd head out
-    assert heads_per_block(96, 16, 16) == 1    # 96 neither divides 128 nor is a multiple of it
-    # transposed, a step stacks (heads, rows, head_dim) blocks: any head_dim, no 128-lane rule
-    assert heads_per_block(96, 16, 16, in_place=False) == 2
-    assert heads_per_block(64, 3, 3, in_place=False) == 3
-    assert heads_per_block(128, 16, 4, in_place=False) == 1   # GQA: one head a step
+    """In place: TILE_HEADS = 8 heads a step where 8 divide the heads and their kv heads make a legal block
+    too, else all of them. Transposed: up to 256 lanes of heads, one under GQA."""
+    assert heads_per_block(16, 16) == 8
+    assert heads_per_block(12, 12) == 12   # GPT-3 Small: 8 does not divide 12
+    assert heads_per_block(96, 96) == 8    # GPT-3 175B
+    assert heads_per_block(2, 2) == 2
+    assert heads_per_block(16, 2) == 16    # GQA: 8 query heads would hold one kv head, not a legal block
+    assert heads_per_block(64, 8) == 64
+    assert heads_per_block(32, 16) == 16   # 16 query heads hold 8 kv heads
+    assert heads_per_block(16, 16, in_place=False, head_dim=96) == 2
+    assert heads_per_block(3, 3, in_place=False, head_dim=64) == 3
+    assert heads_per_block(16, 4, in_place=False, head_dim=128) == 1   # GQA: one head a step
 
 
-@pytest.mark.parametrize("h,d,n", [(3, 128, 1), (4, 64, 2)])
+@pytest.mark.parametrize("h,d,n", [(3, 128, 3), (16, 64, 8)])
 def test_layouts_hold_the_same_tiles(h, d, n):
-    """Tile t of head block hb in the in-place layout (n heads of D lanes, side by side) holds the same
+    """Tile t of head block hb in the in-place layout (the (rows, n, D) block of residue r) holds the same
     (rows, D) tiles of heads hb*n .. hb*n + n-1 as the transposed one, and both layouts (and the row
     statistics) go back to the natural order exactly."""
     t, s, rows = 64, 4, 8
     x = jax.random.normal(jax.random.key(11), (2, t, h, d))
     in_place, copied = TileLayout(t, s, d, True, n), TileLayout(t, s, d, False)
     a, c = in_place.to(x), copied.to(x)
+    assert a.shape == (2, t // s, s, h, d)
     per_residue = (t // s) // rows
     for tile in range(t // rows):
         for hb in range(h // n):
             r, p0 = divmod(tile, per_residue)
-            lane0 = (r * (h // n) + hb) * n * d
-            block = a[:, p0 * rows:(p0 + 1) * rows, lane0:lane0 + n * d]
-            heads = [c[:, hb * n + j, tile * rows:(tile + 1) * rows] for j in range(n)]
-            np.testing.assert_array_equal(block, np.concatenate(heads, axis=-1))
+            block = a[:, p0 * rows:(p0 + 1) * rows, r, hb * n:(hb + 1) * n]
+            for j in range(n):
+                np.testing.assert_array_equal(block[:, :, j], c[:, hb * n + j, tile * rows:(tile + 1) * rows])
     np.testing.assert_array_equal(in_place.back(a, h), x)
     np.testing.assert_array_equal(copied.back(c, h), x)
     stats = x[..., 0].transpose(0, 2, 1)  # [B, H, T]
-    np.testing.assert_array_equal(copied.rows_back(copied.rows_to(stats)), stats)
-    np.testing.assert_array_equal(copied.rows_to(stats)[..., 0], c[..., 0])
-    lanes = in_place.lanes_to(stats)  # the backward's [B, H, 8, T]: the same order, on every sublane
-    np.testing.assert_array_equal(lanes, np.broadcast_to(copied.rows_to(stats)[:, :, None, :, 0], lanes.shape))
+    lanes = in_place.lanes_to(stats)  # [B, H, 8, T] in the pass's order, on every sublane
     assert lanes.shape == (2, h, 8, t)
+    np.testing.assert_array_equal(lanes, np.broadcast_to(c[:, :, None, :, 0], lanes.shape))
+    np.testing.assert_array_equal(in_place.lanes_back(lanes), stats)
 
 
 def test_in_place_and_transposed_give_the_same_result(monkeypatch):

@@ -21,21 +21,22 @@ def _rel(a, b):
     return np.linalg.norm(a - b) / np.linalg.norm(b)
 
 
-@pytest.mark.parametrize("pattern,seq,in_place,head_dim", [
-    (patterns.local_strided(128, 64), 8192, True, 128),      # 128 rows per residue: both passes in place
-    (patterns.local_strided(128, 64), 8192, False, 128),     # the same on transposed copies
-    (patterns.local_strided(128, 64), 8192, True, 64),       # two heads a 128-lane tile
-    (patterns.local_strided(256, 256), 2048, True, 128),     # packed residues
-    (patterns.dense(), 4096, True, 128),
-    (patterns.fixed(128, 16), 8192, True, 128),
-    (patterns.heads(patterns.local(256), patterns.strided(128)), 8192, True, 128),
-], ids=["local_strided", "local_strided-transposed", "local_strided-head_dim64", "packed-residues", "dense", "fixed",
-        "per-head"])
-def test_compiled_kernel_matches_reference(pattern, seq, in_place, head_dim, monkeypatch):
+# the f32 reference materializes [heads, seq, seq] scores: 1 GiB for 4 heads at 8K
+@pytest.mark.parametrize("pattern,seq,in_place,head_dim,heads", [
+    (patterns.local_strided(128, 64), 8192, True, 128, 4),      # 128 rows per residue: both passes in place
+    (patterns.local_strided(128, 64), 8192, False, 128, 4),     # the same on transposed copies
+    (patterns.local_strided(128, 64), 8192, True, 64, 4),       # head_dim 64
+    (patterns.local_strided(128, 64), 4096, True, 128, 16),     # two blocks of 8 heads a step
+    (patterns.local_strided(256, 256), 2048, True, 128, 4),     # packed residues, in place
+    (patterns.dense(), 4096, True, 128, 4),
+    (patterns.fixed(128, 16), 8192, True, 128, 4),
+    (patterns.heads(patterns.local(256), patterns.strided(128)), 8192, True, 128, 4),
+], ids=["local_strided", "local_strided-transposed", "local_strided-head_dim64", "16-heads", "packed-residues",
+        "dense", "fixed", "per-head"])
+def test_compiled_kernel_matches_reference(pattern, seq, in_place, head_dim, heads, monkeypatch):
     from kernels import pallas_tpu_layout
 
     monkeypatch.setattr(pallas_tpu_layout, "IN_PLACE", in_place)
-    heads = 4  # the f32 reference materializes [heads, seq, seq] scores: 1 GiB at 8K
     keys = jax.random.split(jax.random.key(seq), 4)
     q, k, v, do = (jax.random.normal(kk, (1, seq, heads, head_dim), jnp.float32) for kk in keys)
     bf = lambda x: x.astype(jnp.bfloat16)

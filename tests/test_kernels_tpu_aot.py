@@ -1,0 +1,56 @@
+"""The Pallas TPU kernel compiled by libtpu for Colab's v5e and v6e on this CPU machine (marker
+`tpu_aot`: needs libtpu, `pip install -e '.[tpu]'`, not a TPU; skipped without libtpu).
+
+This is the compile a TPU would run, Mosaic's included (kernels/tpu_compile.py). Beyond compiling, it
+checks what the in-place layout is for: around the kernels, the compiled program writes only row
+statistics, never a copy of a [B, T, H, D] array (a reshape that touches the tiled (H, D) plane would
+be one). Run: `python -m pytest -m tpu_aot tests/test_kernels_tpu_aot.py`.
+"""
+
+import pytest
+
+from kernels import patterns
+from kernels.bench import _variant
+from kernels.tpu_compile import CHIPS, attention_report
+
+pytestmark = pytest.mark.tpu_aot
+TOKENS, HEADS = 32768, 16
+
+
+@pytest.mark.parametrize("chip", sorted(CHIPS))
+@pytest.mark.parametrize("seq", [2048, 8192, 32768])
+def test_benchmark_shape_compiles_and_xla_copies_nothing(chip, seq):
+    """bf16, 16 heads of 128, 32K tokens, window = stride = 256: at T = 2K and 8K the strided pass
+    packs 16 and 4 residues a tile, at 32K one residue is one tile."""
+    r = attention_report(chip, patterns.local_strided(256, 256), seq, TOKENS // seq, HEADS, 128)
+    array = TOKENS * HEADS * 128 * 2  # bytes of one bf16 [B, T, H, D] array
+    assert (r["fwd"]["kernels"], r["fwd_bwd"]["kernels"]) == (2, 6)
+    # only lse, delta and their reorderings between passes: [B, H, T] and [B, H, 8, T] f32 arrays, an
+    # eighth of a [B, T, H, D] one at most (the layouts before this one copied 9 to 27 of those)
+    assert r["fwd"]["xla_bytes"] < array / 8, r["fwd"]
+    assert r["fwd_bwd"]["xla_bytes"] < array / 2, r["fwd_bwd"]
+
+
+@pytest.mark.parametrize("pattern,seq,heads,kv_heads,head_dim,variant", [
+    (patterns.dense(), 4096, 16, 16, 128, "default"),
+    (patterns.fixed(128, 8), 8192, 16, 16, 128, "default"),                # gathered summary keys
+    (patterns.local_strided(128, 128), 8192, 12, 12, 64, "default"),       # GPT-3 Small's heads, all 12 a step
+    (patterns.local_strided(256, 256), 8192, 16, 16, 96, "default"),       # GPT-3 Large's head_dim
+    (patterns.local_strided(256, 256), 8192, 32, 8, 128, "default"),       # GQA: 32 query heads read 8 kv heads
+    (patterns.local_strided(256, 256), 8192, 16, 16, 128, "heads-16"),
+    (patterns.local_strided(256, 256), 8192, 16, 16, 128, "transposed"),
+], ids=["dense", "fixed", "12 heads of 64", "head_dim 96", "GQA", "16 heads a step", "transposed"])
+def test_other_patterns_and_layouts_compile(pattern, seq, heads, kv_heads, head_dim, variant):
+    import jax
+    import jax.numpy as jnp
+
+    from kernels.pallas_tpu import sparse_attention_tpu
+    from kernels.tpu_compile import compile_for, kernel_count
+
+    q = jax.ShapeDtypeStruct((TOKENS // seq, seq, heads, head_dim), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((TOKENS // seq, seq, kv_heads, head_dim), jnp.bfloat16)
+    loss = lambda q, k, v: jnp.sum(sparse_attention_tpu(q, k, v, pattern, interpret=False).astype(jnp.float32))
+    with _variant(variant):
+        compiled = compile_for("v5e", jax.grad(loss, argnums=(0, 1, 2)), q, kv, kv)
+    passes = 2 if pattern.kind in ("local_strided", "fixed") else 1
+    assert kernel_count(compiled.as_text()) == 3 * passes
