@@ -20,13 +20,14 @@ import kernels
 from gpt_jax.kernel_sharding import per_shard
 from kernels.head_groups import over_head_groups
 from kernels.patterns import Pattern
+from kernels.platform import target_platform
 from kernels.reference import reference_attention
 
 IMPLS = ("auto", "reference", "xla", "cudnn", "pallas")
 
 
 def _backend() -> str:
-    return jax.default_backend()
+    return target_platform()
 
 
 def attend(q, k, v, pattern: Pattern, impl: str = "auto"):

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from gpt_jax import kv_cache
 from gpt_jax.attention import attend
 from kernels.patterns import Pattern, from_name, lcm_multiple
+from kernels.platform import target_platform
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 REMAT_POLICIES = {
@@ -87,7 +88,7 @@ def resolve_dtype(name: str) -> str:
     """"auto" is bfloat16 on accelerators and float32 on CPU, where bfloat16 math is emulated and slow."""
     if name != "auto":
         return name
-    return "float32" if jax.default_backend() == "cpu" else "bfloat16"
+    return "float32" if target_platform() == "cpu" else "bfloat16"
 
 
 def _init(std: float, axes: tuple):

@@ -2,6 +2,7 @@
 
     python -m gpt_jax.plan --config experiments/gpt3_175b.py --mesh data=8,fsdp=16,tensor=8 \
         [--device-memory-gib 80] [--config.train.grad_accum=16] [--config.<any key>=<value>]
+    python -m gpt_jax.plan --config experiments/gpt3_small_sparse.py --mesh fsdp=4 --compile_for v5e
 
 Nothing is allocated: parameter shapes come from `jax.eval_shape` of the model's init, and their
 shards from the config's logical sharding rules applied to the given mesh (no devices needed).
@@ -20,6 +21,11 @@ Assumptions of the memory estimate (per device, training):
   is recomputed. Logits: [T, vocab / t] in the compute dtype plus a float32 copy and its gradient.
 - not counted: XLA temporaries and fragmentation, communication buffers, the data pipeline. The
   compiled train step prints its real figure before the first step (gpt_jax.train).
+
+`--compile_for v5e` (or v6e) replaces the estimate's guesswork with XLA's own figure for a TPU slice
+of the mesh's size: libtpu (`pip install -e '.[tpu]'`, no TPU needed) compiles the sharded train step,
+Pallas attention kernels included, and its memory analysis says what one chip holds. Compiling
+GPT-3 Small takes minutes on a 2-core machine.
 """
 
 from __future__ import annotations
@@ -148,16 +154,78 @@ def plan(config, mesh: dict[str, int], device_memory_gib: float) -> str:
     return "\n".join(lines)
 
 
+def compiled_report(config, mesh: dict[str, int], chip: str) -> str:
+    """Compile the train step for a `chip` TPU slice with this mesh (libtpu, no TPU) and report XLA's
+    memory per chip and the attention kernels it launches."""
+    from kernels import tpu_compile
+    from kernels.platform import targeting
+    from gpt_jax.optim import make_optimizer
+    from gpt_jax.sharding import batch_sharding, check_batch
+    from gpt_jax.train_step import Trainer
+
+    if not tpu_compile.have_libtpu():
+        raise UserError("--compile_for needs libtpu: pip install -e '.[tpu]' (no TPU needed to compile)")
+    count = math.prod(mesh.values())
+    try:
+        devices = tpu_compile.devices(chip, count)
+    except ValueError as e:
+        raise UserError(f"--compile_for {chip}: {e}") from None
+    shape = tuple(mesh[a] for a in MESH_AXES)
+    device_mesh = jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3, devices=devices)
+    train = config.train
+    check_batch(train.batch_size, train.grad_accum, device_mesh)  # as gpt_jax.train would
+    with targeting("tpu"):  # bf16 compute and the compiled Pallas kernels, as on the TPU
+        model_cfg = GPTConfig.from_config(config, _vocab(config) or None)
+        trainer = Trainer(GPT(model_cfg), make_optimizer(train), device_mesh, config.sharding_rules,
+                          grad_accum=train.grad_accum)
+        batch = jax.ShapeDtypeStruct((train.batch_size, model_cfg.block_size + 1), jnp.int32,
+                                     sharding=batch_sharding(device_mesh))
+        lowered = trainer.train_step.trace(trainer.abstract_state, batch, jax.random.key(0)).lower()
+    head = f"compiled for {count} x {chip} (libtpu; not run)"
+    try:
+        compiled = lowered.compile()
+    except jax.errors.JaxRuntimeError as e:  # XLA refuses a program that cannot fit
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        return f"{head}: does NOT fit: {str(e).strip().splitlines()[0]}"
+    m = compiled.memory_analysis()
+    # the state is donated: its outputs reuse the argument buffers (alias), so the peak is about
+    # arguments + outputs - aliased + temporaries
+    peak = m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
+    verdict = "fits" if peak <= tpu_compile.HBM_GIB[chip] * GIB else "does NOT fit"
+    return "\n".join([
+        f"{head}: {tpu_compile.kernel_count(compiled.as_text())} Pallas kernel launches a step",
+        f"  arguments (state shards, batch) {m.argument_size_in_bytes / GIB:10.2f} GiB per chip",
+        f"  temporaries                     {m.temp_size_in_bytes / GIB:10.2f} GiB",
+        f"  outputs not aliased to inputs   {(m.output_size_in_bytes - m.alias_size_in_bytes) / GIB:10.2f} GiB",
+        f"  total                           {peak / GIB:10.2f} GiB: {verdict} in {tpu_compile.HBM_GIB[chip]} GiB "
+        f"of {chip} HBM (XLA's figure for the compiled step)"])
+
+
 def _define_flags(fv):
     flags.DEFINE_string("mesh", "data=1,fsdp=1,tensor=1", "mesh sizes, e.g. data=8,fsdp=16,tensor=8", flag_values=fv)
-    flags.DEFINE_float("device_memory_gib", 80.0, "memory of one device, to say whether it fits", flag_values=fv)
+    flags.DEFINE_float("device_memory_gib", 80.0, "memory of one device, to say whether it fits (default: 80, "
+                       "or the HBM of the --compile_for chip)", flag_values=fv)
+    flags.DEFINE_string("compile_for", None, "also compile the train step for a TPU slice of this chip (v5e, v6e) "
+                        "with the mesh's size, using libtpu (no TPU needed), and print XLA's memory per chip",
+                        flag_values=fv)
 
 
 @cli_entry
 def main(argv):
 
     fv = cli.parse(argv, "gpt_jax.plan", _define_flags)
-    print(plan(fv.config, parse_mesh(fv.mesh), fv.device_memory_gib))
+    mesh = parse_mesh(fv.mesh)
+    memory_gib = fv.device_memory_gib
+    if fv.compile_for:
+        from kernels.tpu_compile import HBM_GIB, have_libtpu
+        if not have_libtpu():  # say so before the estimate, not after
+            raise UserError("--compile_for needs libtpu: pip install -e '.[tpu]' (no TPU needed to compile)")
+        if not fv["device_memory_gib"].present:  # judge the estimate by that chip's HBM
+            memory_gib = HBM_GIB.get(fv.compile_for, memory_gib)
+    print(plan(fv.config, mesh, memory_gib), flush=True)
+    if fv.compile_for:
+        print(compiled_report(fv.config, mesh, fv.compile_for))
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import jax
 from kernels.errors import UnsupportedInput
 from kernels.head_groups import over_head_groups
 from kernels.patterns import Pattern, dense, fixed, heads, local, local_strided, strided
+from kernels.platform import target_platform
 from kernels.reference import reference_attention
 
 IMPLS = ("reference", "pallas_tpu", "pallas_gpu", "auto")
@@ -24,7 +25,9 @@ __all__ = ["sparse_attention", "auto_impl", "IMPLS", "Pattern", "dense", "local"
 
 
 def auto_impl() -> str:
-    """The kernel `impl="auto"` tries first on the default device."""
+    """The kernel `impl="auto"` tries first on the default device (or the TPU being compiled for)."""
+    if target_platform() == "tpu":
+        return "pallas_tpu"
     dev = jax.devices()[0]
     if dev.platform == "gpu":
         major = str(getattr(dev, "compute_capability", "0")).split(".")[0]  # CUDA only; ROCm has none

@@ -32,6 +32,7 @@ from kernels.errors import UnsupportedInput, check_pattern_and_shapes
 from kernels.pallas_tpu_kernels import pass_backward, pass_forward
 from kernels.pallas_tpu_layout import LANES, TileLayout, heads_per_block
 from kernels.patterns import Pattern
+from kernels.platform import target_platform
 from kernels.schedule import Pass, passes_for
 
 SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16)
@@ -245,7 +246,7 @@ def sparse_attention_tpu(q, k, v, pattern: Pattern, *, block_q: int | None = Non
     block_k = block_k or default_block_for(pattern, t)
     check_supported(q, k, v, pattern, block_q, block_k)
     if interpret is None:
-        interpret = jax.default_backend() != "tpu"
+        interpret = target_platform() != "tpu"
     if interpret is False:
         check_compiled_blocks(plan_passes(pattern, q, k, block_q, block_k))
     if interpret is True:

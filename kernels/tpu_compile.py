@@ -16,7 +16,8 @@ import importlib.util
 import os
 import re
 
-CHIPS = {"v5e": ("v5e:2x2", "TPU v5 lite"), "v6e": ("v6e:2x2", "TPU v6 lite")}  # Colab's TPUs
+CHIPS = {"v5e": "TPU v5 lite", "v6e": "TPU v6 lite"}  # Colab's TPUs: device kinds
+HBM_GIB = {"v5e": 16, "v6e": 32}  # per chip
 # Top-level ops of a compiled program that write no array data of their own: views, tuples, the kernels.
 FREE_OPS = {"parameter", "constant", "bitcast", "get-tuple-element", "tuple", "custom-call", "copy-start",
             "copy-done", "after-all", "iota", "broadcast"}
@@ -29,26 +30,47 @@ def have_libtpu() -> bool:
 
 
 @functools.cache
-def device(chip: str):
-    """A device of `chip` that libtpu compiles for; needs libtpu, not a TPU."""
+def devices(chip: str, count: int = 1) -> tuple:
+    """`count` devices (a power of two: a 1x1, 1x2, 2x2, 2x4, ... slice) of `chip` that libtpu compiles
+    for; needs libtpu, not a TPU."""
+    if chip not in CHIPS:
+        raise ValueError(f"unknown TPU chip {chip!r}: choose from {', '.join(CHIPS)}")
+    if count < 1 or count & (count - 1):
+        raise ValueError(f"a {chip} slice to compile for has a power-of-two number of chips, not {count}")
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")  # no cloud metadata server to ask
     from jax.experimental import topologies
 
-    topology, _ = CHIPS[chip]
-    return topologies.get_topology_desc(topology_name=topology, platform="tpu").devices[0]
+    x = 1 << ((count.bit_length() - 1) // 2)
+    y = count // x
+    return tuple(topologies.get_topology_desc(topology_name=f"{chip}:{x}x{y}", platform="tpu",
+                                              chips_per_host_bounds=(min(x, 2), min(y, 2), 1)).devices)
+
+
+def tracing_for(chip: str):
+    """Context for tracing as on `chip`: the kernels and the model choose what they would on a TPU
+    (kernels.platform), and Pallas reads the chip from an abstract mesh, as the process has no TPU."""
+    import contextlib
+
+    from jax.sharding import AbstractDevice, AbstractMesh, AxisType, use_abstract_mesh
+
+    from kernels.platform import targeting
+
+    mesh = AbstractMesh((1,), ("x",), (AxisType.Explicit,),
+                        abstract_device=AbstractDevice(device_kind=CHIPS[chip], num_cores=1, platform="tpu"))
+    stack = contextlib.ExitStack()
+    stack.enter_context(targeting("tpu"))
+    stack.enter_context(use_abstract_mesh(mesh))
+    return stack
 
 
 def compile_for(chip: str, fn, *shapes):
     """jax.jit(fn) compiled for one `chip` device, for arguments of these jax.ShapeDtypeStructs."""
     import jax
-    from jax.sharding import AbstractDevice, AbstractMesh, AxisType, SingleDeviceSharding, use_abstract_mesh
+    from jax.sharding import SingleDeviceSharding
 
-    dev = device(chip)
-    args = [jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=SingleDeviceSharding(dev)) for s in shapes]
-    # Pallas reads the chip it lowers for from the abstract mesh when the process has no TPU.
-    mesh = AbstractMesh((1,), ("x",), (AxisType.Explicit,),
-                        abstract_device=AbstractDevice(device_kind=CHIPS[chip][1], num_cores=1, platform="tpu"))
-    with use_abstract_mesh(mesh):
+    sharding = SingleDeviceSharding(devices(chip)[0])
+    args = [jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding) for s in shapes]
+    with tracing_for(chip):
         return jax.jit(fn).trace(*args).lower().compile()
 
 

@@ -54,3 +54,18 @@ def test_other_patterns_and_layouts_compile(pattern, seq, heads, kv_heads, head_
         compiled = compile_for("v5e", jax.grad(loss, argnums=(0, 1, 2)), q, kv, kv)
     passes = 2 if pattern.kind in ("local_strided", "fixed") else 1
     assert kernel_count(compiled.as_text()) == 3 * passes
+
+
+def test_plan_compiles_a_sharded_train_step_for_a_two_chip_slice(capsys):
+    """gpt_jax.plan --compile_for: the whole train step of a two-layer dense + local_strided model,
+    sharded over fsdp=2 (the kernels run per shard through shard_map), compiled for two v5e chips.
+    In this process: libtpu allows one process at a time, and this one has it loaded already."""
+    from conftest import REPO
+    from gpt_jax import plan
+
+    plan.main(["--config", f"{REPO}/experiments/default.py", "--mesh", "fsdp=2", "--compile_for", "v5e",
+               "--config.model.n_layer=2"])
+    lines = capsys.readouterr().out.splitlines()
+    head = next(line for line in lines if line.startswith("compiled for 2 x v5e"))
+    assert head.endswith("9 Pallas kernel launches a step")  # dense: 3 kernels, local_strided: 6
+    assert "fits in 16 GiB of v5e HBM" in lines[-1]

@@ -87,3 +87,21 @@ def test_plan_cli_sparse_attention_counts_fewer_pairs():
     assert "reads 264 keys per head and layer" in proc.stdout  # 256 band + 2048 / 256 strided
     bad = run_cli("gpt_jax.plan", "--config", "experiments/gpt3_small.py", "--mesh", "data=0")
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: ")
+
+
+def test_compile_for_says_what_it_needs(monkeypatch):
+    """--compile_for: without libtpu, and for a chip or slice size libtpu has no topology for, a
+    one-line error (the compile itself is tests/test_kernels_tpu_aot.py, marker tpu_aot)."""
+    from gpt_jax.config import get_base_config
+    from gpt_jax.plan import compiled_report
+    from kernels import tpu_compile
+
+    config = get_base_config()
+    monkeypatch.setattr(tpu_compile, "have_libtpu", lambda: False)
+    with pytest.raises(UserError, match="needs libtpu"):
+        compiled_report(config, parse_mesh("data=2"), "v5e")
+    monkeypatch.setattr(tpu_compile, "have_libtpu", lambda: True)
+    with pytest.raises(UserError, match="power-of-two number of chips, not 6"):
+        compiled_report(config, parse_mesh("data=2,fsdp=3"), "v5e")
+    with pytest.raises(UserError, match="unknown TPU chip 'v7'"):
+        compiled_report(config, parse_mesh("data=2"), "v7")
