@@ -163,10 +163,9 @@ def compiled_report(config, mesh: dict[str, int], chip: str) -> str:
     from gpt_jax.sharding import batch_sharding, check_batch
     from gpt_jax.train_step import Trainer
 
-    if not tpu_compile.have_libtpu():
-        raise UserError("--compile_for needs libtpu: pip install -e '.[tpu]' (no TPU needed to compile)")
     count = math.prod(mesh.values())
     try:
+        tpu_compile.require_libtpu("compiling for a TPU")
         devices = tpu_compile.devices(chip, count)
     except ValueError as e:
         raise UserError(f"--compile_for {chip}: {e}") from None
@@ -218,9 +217,11 @@ def main(argv):
     mesh = parse_mesh(fv.mesh)
     memory_gib = fv.device_memory_gib
     if fv.compile_for:
-        from kernels.tpu_compile import HBM_GIB, have_libtpu
-        if not have_libtpu():  # say so before the estimate, not after
-            raise UserError("--compile_for needs libtpu: pip install -e '.[tpu]' (no TPU needed to compile)")
+        from kernels.tpu_compile import HBM_GIB, require_libtpu
+        try:
+            require_libtpu("--compile_for")  # say so before the estimate, not after
+        except ValueError as e:
+            raise UserError(str(e)) from None
         if not fv["device_memory_gib"].present:  # judge the estimate by that chip's HBM
             memory_gib = HBM_GIB.get(fv.compile_for, memory_gib)
     print(plan(fv.config, mesh, memory_gib), flush=True)

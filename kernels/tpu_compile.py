@@ -20,13 +20,19 @@ CHIPS = {"v5e": "TPU v5 lite", "v6e": "TPU v6 lite"}  # Colab's TPUs: device kin
 HBM_GIB = {"v5e": 16, "v6e": 32}  # per chip
 # Top-level ops of a compiled program that write no array data of their own: views, tuples, the kernels.
 FREE_OPS = {"parameter", "constant", "bitcast", "get-tuple-element", "tuple", "custom-call", "copy-start",
-            "copy-done", "after-all", "iota", "broadcast"}
+            "copy-done", "after-all"}
 DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4, "s32": 4,
                "u32": 4, "f64": 8, "s64": 8}
 
 
 def have_libtpu() -> bool:
     return importlib.util.find_spec("libtpu") is not None
+
+
+def require_libtpu(what: str) -> None:
+    """Raise ValueError naming `what` needs libtpu, unless it is installed."""
+    if not have_libtpu():
+        raise ValueError(f"{what} needs libtpu: pip install -e '.[tpu]' (no TPU needed to compile)")
 
 
 @functools.cache
@@ -116,8 +122,9 @@ def kernel_count(hlo_text: str) -> int:
 
 def attention_report(chip: str, pattern, seq: int, batch: int, heads: int, head_dim: int, dtype="bfloat16",
                      block: int | None = None) -> dict:
-    """Compile the kernel's forward and its gradient (forward + backward) for `chip`; per direction the
-    kernels launched, the bytes XLA ops write outside them, and the largest such op."""
+    """Compile the kernel's forward, and its forward + backward for a given output gradient (as in a
+    training step), for `chip`; per direction the kernels launched, the bytes XLA ops write outside
+    them, and the largest such op."""
     import jax
     import jax.numpy as jnp
 
@@ -126,10 +133,10 @@ def attention_report(chip: str, pattern, seq: int, batch: int, heads: int, head_
     x = jax.ShapeDtypeStruct((batch, seq, heads, head_dim), jnp.dtype(dtype))
     attend = lambda q, k, v: sparse_attention_tpu(q, k, v, pattern, block_q=block, block_k=block,  # noqa: E731
                                                   interpret=False)
-    loss = lambda q, k, v: jnp.sum(attend(q, k, v).astype(jnp.float32))  # noqa: E731
+    fwd_bwd = lambda q, k, v, do: jax.vjp(attend, q, k, v)[1](do)  # noqa: E731
     row = dict(chip=chip, pattern=str(pattern), seq=seq, batch=batch, heads=heads, head_dim=head_dim)
-    for name, fn in (("fwd", attend), ("fwd_bwd", jax.grad(loss, argnums=(0, 1, 2)))):
-        text = compile_for(chip, fn, x, x, x).as_text()
+    for name, fn, args in (("fwd", attend, (x, x, x)), ("fwd_bwd", fwd_bwd, (x, x, x, x))):
+        text = compile_for(chip, fn, *args).as_text()
         ops = data_ops(text)
         largest = max(ops, key=lambda op: op[2], default=None)
         row[name] = dict(kernels=kernel_count(text), xla_bytes=sum(op[2] for op in ops), xla_ops=len(ops),
@@ -158,8 +165,10 @@ def main(argv=None):
         seqs, dims = [int(s) for s in args.seq.split(",")], [int(d) for d in args.head_dim.split(",")]
     except ValueError as e:
         raise SystemExit(f"error: {e}")
-    if not have_libtpu():
-        raise SystemExit("error: libtpu is not installed: pip install -e '.[tpu]' (no TPU needed to compile)")
+    try:
+        require_libtpu("kernels.tpu_compile")
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
     print(f"{pattern}, {args.heads} heads, {args.tokens} tokens a batch: compiled for the chip, not run")
     print("| chip | variant | head_dim | seq | kernels fwd / fwd+bwd | XLA writes outside the kernels, "
           "fwd / fwd+bwd (MiB) | largest XLA op (fwd+bwd) |")

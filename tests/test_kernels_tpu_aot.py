@@ -25,10 +25,10 @@ def test_benchmark_shape_compiles_and_xla_copies_nothing(chip, seq):
     r = attention_report(chip, patterns.local_strided(256, 256), seq, TOKENS // seq, HEADS, 128)
     array = TOKENS * HEADS * 128 * 2  # bytes of one bf16 [B, T, H, D] array
     assert (r["fwd"]["kernels"], r["fwd_bwd"]["kernels"]) == (2, 6)
-    # only lse, delta and their reorderings between passes: [B, H, T] and [B, H, 8, T] f32 arrays, an
-    # eighth of a [B, T, H, D] one at most (the layouts before this one copied 9 to 27 of those)
-    assert r["fwd"]["xla_bytes"] < array / 8, r["fwd"]
-    assert r["fwd_bwd"]["xla_bytes"] < array / 2, r["fwd_bwd"]
+    # only lse, delta and their reorderings between passes ([B, H, T] and lane-dense [B, H, 8, T] f32
+    # arrays): less than one [B, T, H, D] array in all (the layouts before this one wrote 9 to 28)
+    assert r["fwd"]["xla_bytes"] < array / 4, r["fwd"]
+    assert r["fwd_bwd"]["xla_bytes"] < array, r["fwd_bwd"]
 
 
 @pytest.mark.parametrize("pattern,seq,heads,kv_heads,head_dim,variant", [
