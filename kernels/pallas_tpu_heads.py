@@ -15,6 +15,8 @@ import dataclasses
 
 import jax.numpy as jnp
 
+from kernels.pallas_tpu_layout import SUBLANES
+
 
 @dataclasses.dataclass(frozen=True)
 class TileHeads:
@@ -22,20 +24,17 @@ class TileHeads:
     group: int       # query heads per kv head within the kv tile (1: it holds the same heads)
     in_place: bool   # (rows, heads, D) tiles rather than (heads, rows, D)
 
-    def _load(self, ref, j: int):
+    def q(self, ref, j: int):
+        """Head j's [rows, D] of a query-side tile (q, dO, o, dq), or of a key-side tile per query head."""
         if not self.in_place:
             return ref[j]
         if ref.ndim == 4:  # packed residues
             return jnp.concatenate([ref[:, r, j, :] for r in range(ref.shape[1])], axis=0)
         return ref[:, j, :]
 
-    def q(self, ref, j: int):
-        """Head j's [rows, D] of a query-side tile (q, dO, o, dq), or of a key-side tile per query head."""
-        return self._load(ref, j)
-
     def kv(self, ref, j: int):
         """The [rows, D] of the kv head that query head j reads in a key-side tile."""
-        return self._load(ref, j // self.group)
+        return self.q(ref, j // self.group)
 
     def store(self, ref, j: int, x) -> None:
         """Write head j's [rows, D] into a tile (query side, or key side per query head)."""
@@ -62,4 +61,4 @@ def row(lanes_ref, j: int):
 
 def lanes(col):
     """A [rows, 1] column as the (8, rows) lane-dense tile of the row statistics."""
-    return jnp.broadcast_to(jnp.expand_dims(col[:, 0], 0), (8, col.shape[0]))
+    return jnp.broadcast_to(jnp.expand_dims(col[:, 0], 0), (SUBLANES, col.shape[0]))

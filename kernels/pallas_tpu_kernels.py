@@ -105,17 +105,17 @@ def _fwd_kernel(rows_ref, cols_ref, kind_ref, first_ref, last_ref, q_ref, k_ref,
 
     @pl.when(first_ref[s] == 1)
     def _init():
-        for j in range(tile.heads):
-            if has_partial:  # rows the earlier pass saw nothing for have lse = -inf (and o = 0): start empty
-                lse = column(lse_part_ref, j)
-                seen = lse > -jnp.inf
-                m_sc[j] = jnp.where(seen, lse, MASK_VALUE)
-                l_sc[j] = seen.astype(jnp.float32)
-                acc_sc[j] = tile.q(o_part_ref, j).astype(jnp.float32)
-            else:
-                m_sc[j] = jnp.full(m_sc.shape[1:], MASK_VALUE, jnp.float32)
-                l_sc[j] = jnp.zeros(l_sc.shape[1:], jnp.float32)
-                acc_sc[j] = jnp.zeros(acc_sc.shape[1:], jnp.float32)
+        if not has_partial:
+            m_sc[...] = jnp.full(m_sc.shape, MASK_VALUE, jnp.float32)
+            l_sc[...] = jnp.zeros(l_sc.shape, jnp.float32)
+            acc_sc[...] = jnp.zeros(acc_sc.shape, jnp.float32)
+            return
+        for j in range(tile.heads):  # rows the earlier pass saw nothing for have lse = -inf (and o = 0): start empty
+            lse = column(lse_part_ref, j)
+            seen = lse > -jnp.inf
+            m_sc[j] = jnp.where(seen, lse, MASK_VALUE)
+            l_sc[j] = seen.astype(jnp.float32)
+            acc_sc[j] = tile.q(o_part_ref, j).astype(jnp.float32)
 
     def update(apply_mask):
         if apply_mask:

@@ -11,6 +11,7 @@ last two dimensions), so it shows which reshapes are free (`bitcast`) and which 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import os
@@ -52,21 +53,18 @@ def devices(chip: str, count: int = 1) -> tuple:
                                               chips_per_host_bounds=(min(x, 2), min(y, 2), 1)).devices)
 
 
+@contextlib.contextmanager
 def tracing_for(chip: str):
-    """Context for tracing as on `chip`: the kernels and the model choose what they would on a TPU
-    (kernels.platform), and Pallas reads the chip from an abstract mesh, as the process has no TPU."""
-    import contextlib
-
+    """Trace as on `chip`: the kernels and the model choose what they would on a TPU (kernels.platform),
+    and Pallas reads the chip from an abstract mesh, as the process has no TPU."""
     from jax.sharding import AbstractDevice, AbstractMesh, AxisType, use_abstract_mesh
 
     from kernels.platform import targeting
 
     mesh = AbstractMesh((1,), ("x",), (AxisType.Explicit,),
                         abstract_device=AbstractDevice(device_kind=CHIPS[chip], num_cores=1, platform="tpu"))
-    stack = contextlib.ExitStack()
-    stack.enter_context(targeting("tpu"))
-    stack.enter_context(use_abstract_mesh(mesh))
-    return stack
+    with targeting("tpu"), use_abstract_mesh(mesh):
+        yield
 
 
 def compile_for(chip: str, fn, *shapes):
