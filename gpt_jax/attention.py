@@ -15,6 +15,7 @@ device's shard of the batch and heads (gpt_jax/kernel_sharding.py).
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 
 import kernels
 from gpt_jax.kernel_sharding import per_shard
@@ -60,3 +61,25 @@ def _kernel(q, k, v, pattern: Pattern):
     """kernels.sparse_attention, on each device's shard when the model runs on a mesh (a Pallas kernel
     is not partitioned by XLA)."""
     return per_shard(lambda q, k, v: kernels.sparse_attention(q, k, v, pattern, impl="auto"), q, k, v)
+
+
+def attend_with_dropout(q, k, v, pattern: Pattern, rate: float, key):
+    """Attention with dropout on the probabilities (nanoGPT's `attn_dropout`, GPT-2's attn_pdrop).
+
+    No fused kernel here drops probabilities, so this materializes the [t, t] scores per head in
+    XLA: meant for short contexts like shakespeare_char's 256. Kept probabilities are scaled by
+    1 / (1 - rate), so the output's expectation over keys is plain attention.
+    """
+    if pattern.kind == "heads":
+        keys = iter(jax.random.split(key, len(pattern.parts)))
+        return over_head_groups(lambda qg, kg, vg, part: attend_with_dropout(qg, kg, vg, part, rate, next(keys)),
+                                q, k, v, pattern)
+    b, t, h, d = q.shape
+    hk = k.shape[2]
+    qg = q.reshape(b, t, hk, h // hk, d)
+    logits = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * d ** -0.5
+    visible = pattern.mask(jnp.arange(t), jnp.arange(t), xp=jnp)  # the diagonal is always visible
+    probs = jax.nn.softmax(jnp.where(visible, logits, -jnp.inf), axis=-1)
+    keep = jax.random.bernoulli(key, 1.0 - rate, probs.shape)
+    probs = jnp.where(keep, probs / (1.0 - rate), 0.0).astype(v.dtype)
+    return jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h, d)

@@ -4,7 +4,8 @@
         --config.data.path=../shared/data/tinyshakespeare.txt [--iters 50] [--warmup 10] [--out bench.json]
 
 Times the compiled train step alone (the batches are placed on the devices beforehand), as
-nanoGPT's bench.py does; compilation and warm-up steps are left out.
+nanoGPT's bench.py does; compilation and warm-up steps are left out. `--profile DIR` then traces
+five more steps and prints the time per XLA op and how long the device sat idle (gpt_jax/op_profile.py).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import jax
 import numpy as np
 from absl import flags
 
-from gpt_jax import cli
+from gpt_jax import cli, op_profile
 from gpt_jax import sharding as shd
 from gpt_jax.data import build_dataset
 from gpt_jax.errors import UserError, cli_entry
@@ -27,7 +28,8 @@ from gpt_jax.train import build_model
 from gpt_jax.train_step import Trainer
 
 
-def benchmark(config, *, iters: int, warmup: int, distinct_batches: int = 8) -> dict:
+def benchmark(config, *, iters: int, warmup: int, distinct_batches: int = 8, profile_dir: str = "",
+              profile_steps: int = 5) -> dict:
     dataset = build_dataset(config.data, None, config.seed)
     model_cfg = build_model(config, dataset.tokenizer.vocab_size)
     mesh = shd.make_mesh(config.mesh)
@@ -54,6 +56,15 @@ def benchmark(config, *, iters: int, warmup: int, distinct_batches: int = 8) -> 
         times.append(time.perf_counter() - t)
 
     ms = 1e3 * float(np.median(times))
+    profile = None
+    if profile_dir:  # after the timed steps, so tracing cannot slow them
+        with jax.profiler.trace(profile_dir):
+            t = time.perf_counter()
+            for i in range(profile_steps):
+                state, metrics = step_fn(state, batches[i % distinct_batches], jax.random.fold_in(key, i))
+            jax.block_until_ready(metrics["loss"])
+            traced_ms = 1e3 * (time.perf_counter() - t) / profile_steps
+        profile = op_profile.format_profile(op_profile.read_trace(profile_dir), profile_steps, traced_ms)
     tokens = train.batch_size * seq
     flops = train_flops_per_token(model_cfg, seq) * tokens
     peak = train.peak_flops or device_peak_flops()
@@ -65,7 +76,7 @@ def benchmark(config, *, iters: int, warmup: int, distinct_batches: int = 8) -> 
         "ms_p90": 1e3 * float(np.percentile(times, 90)), "tokens_per_s": tokens / (ms / 1e3),
         "tflops_per_s": flops / (ms / 1e3) / 1e12,
         "mfu": flops / (ms / 1e3) / (peak * jax.device_count()) if peak else None,
-        "final_loss": float(metrics["loss"]),
+        "final_loss": float(metrics["loss"]), "profile": profile,
     }
 
 
@@ -73,6 +84,8 @@ def _define_flags(fv):
     flags.DEFINE_integer("iters", 50, "timed iterations", flag_values=fv)
     flags.DEFINE_integer("warmup", 10, "untimed iterations after compilation", flag_values=fv)
     flags.DEFINE_string("out", "", "write the result as JSON here", flag_values=fv)
+    flags.DEFINE_string("profile", "", "trace 5 more steps into this folder and print the time per XLA op",
+                        flag_values=fv)
 
 
 @cli_entry
@@ -80,7 +93,7 @@ def main(argv):
     fv = cli.parse(argv, "gpt_jax.bench_train", _define_flags)
     if fv.iters < 1 or fv.warmup < 0:
         raise UserError("--iters must be at least 1 and --warmup at least 0")
-    r = benchmark(fv.config, iters=fv.iters, warmup=fv.warmup)
+    r = benchmark(fv.config, iters=fv.iters, warmup=fv.warmup, profile_dir=fv.profile)
     mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a (unknown peak)"
     print(f"{r['device']} x{r['devices']}: {r['params'] / 1e6:.2f}M params, batch {r['batch_size']} x {r['seq_len']}, "
           f"attention impl {r['impl']}")
@@ -88,6 +101,8 @@ def main(argv):
     print(f"{'ms/iter (median)':>18} {'p10':>7} {'p90':>7} {'tokens/s':>11} {'TFLOP/s':>8} {'MFU':>8}")
     print(f"{r['ms_per_iter']:18.2f} {r['ms_p10']:7.2f} {r['ms_p90']:7.2f} {r['tokens_per_s']:11,.0f} "
           f"{r['tflops_per_s']:8.2f} {mfu:>8}")
+    if r["profile"]:
+        print(f"\nXLA ops of the step, traced over 5 steps into {fv.profile}:\n{r['profile']}")
     if fv.out:
         with open(fv.out, "w") as f:
             json.dump(r, f, indent=2)

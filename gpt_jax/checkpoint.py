@@ -57,7 +57,7 @@ def model_signature(config, vocab_size: int) -> dict:
     m = config.model.to_dict()
     a = config.attention.to_dict()
     a.pop("impl", None)  # the implementation may change between runs; the function may not
-    for key in ("remat", "dtype", "dropout"):
+    for key in ("remat", "dtype", "dropout", "attn_dropout"):
         m.pop(key, None)
     a["schedule"] = list(a["schedule"])
     return {"model": m, "attention": a, "tokenizer": config.data.tokenizer, "vocab_size": vocab_size}

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from gpt_jax import kv_cache
-from gpt_jax.attention import attend
+from gpt_jax.attention import attend, attend_with_dropout
 from kernels.patterns import Pattern, from_name, lcm_multiple
 from kernels.platform import target_platform
 
@@ -37,6 +37,7 @@ class GPTConfig:
     patterns: tuple[Pattern, ...]  # one per layer
     mlp_ratio: int = 4
     dropout: float = 0.0
+    attn_dropout: float = 0.0
     use_bias: bool = True
     dtype: str = "bfloat16"
     param_dtype: str = "float32"
@@ -63,6 +64,7 @@ class GPTConfig:
             for i in range(m.n_layer))
         return cls(vocab_size=vocab, block_size=m.block_size, n_layer=m.n_layer, n_head=m.n_head,
                    n_embd=m.n_embd, patterns=patterns, mlp_ratio=m.mlp_ratio, dropout=m.dropout,
+                   attn_dropout=m.attn_dropout,
                    use_bias=m.use_bias, dtype=resolve_dtype(m.dtype), param_dtype=m.param_dtype, remat=m.remat,
                    attn_impl=a.impl)
 
@@ -80,8 +82,21 @@ class GPTConfig:
         for name in (self.dtype, self.param_dtype):
             if name not in DTYPES:
                 raise ValueError(f"unknown dtype {name!r}; expected one of {tuple(DTYPES)}")
+        for name, rate in (("dropout", self.dropout), ("attn_dropout", self.attn_dropout)):
+            if not 0.0 <= rate < 1.0:
+                raise ValueError(f"model.{name} must be in [0, 1), got {rate}")
         if self.remat not in ("none", *REMAT_POLICIES):
             raise ValueError(f"model.remat must be none, full or dots, got {self.remat!r}")
+
+
+def embed_tokens(table, tokens, dtype):
+    """Rows of the embedding table, looked up in the table's dtype and then cast to `dtype`.
+
+    The gradient of a lookup is a scatter-add of every occurrence of a token into its row. Done in
+    bfloat16 (Flax's Embed casts the table first) it drops counts: 256 + 1 == 256 in bfloat16, and a
+    character-level batch holds each token thousands of times.
+    """
+    return jnp.take(table, tokens, axis=0).astype(dtype)
 
 
 def resolve_dtype(name: str) -> str:
@@ -146,7 +161,10 @@ class CausalSelfAttention(nn.Module):
             y, cache = kv_cache.decode_layer(self.pattern, cache, q[:, 0], k[:, 0], v[:, 0], pos)
             y = y[:, None]
         else:
-            y = attend(q, k, v, self.pattern, cfg.attn_impl)
+            if cfg.attn_dropout > 0 and not deterministic:
+                y = attend_with_dropout(q, k, v, self.pattern, cfg.attn_dropout, self.make_rng("dropout"))
+            else:
+                y = attend(q, k, v, self.pattern, cfg.attn_impl)
             if cache is not None:
                 cache = kv_cache.prefill_layer(self.pattern, cache, k, v, lengths)
         y = Linear((cfg.n_embd,), ("heads", "kv", "embed"), 0.02 / math.sqrt(2 * cfg.n_layer), cfg,
@@ -210,10 +228,11 @@ class GPT(nn.Module):
         wte = nn.Embed(cfg.vocab_size, cfg.n_embd, dtype=dtype, param_dtype=pdtype,
                        embedding_init=_init(0.02, ("vocab", "embed")), name="wte")
         wpe = self.param("wpe", _init(0.02, ("positions", "embed")), (cfg.block_size, cfg.n_embd), pdtype)
+        tok = embed_tokens(wte.embedding, tokens, dtype)
         if cache is not None and lengths is None:
-            x = wte(tokens) + wpe[cache["pos"]][:, None].astype(dtype)
+            x = tok + wpe[cache["pos"]][:, None].astype(dtype)
         else:
-            x = wte(tokens) + wpe[:seq].astype(dtype)
+            x = tok + wpe[:seq].astype(dtype)
         x = nn.Dropout(cfg.dropout)(x, deterministic=deterministic)
         x = nn.with_logical_constraint(x, ("act_batch", "act_length", "act_embed"))
 

@@ -9,15 +9,16 @@
 # and copy the nanoGPT data beside them (../shared does not travel; the copy is ignored, never committed):
 #   echo /.data/ >> .git/info/exclude; mkdir -p .data; cp ../shared/data/tinyshakespeare.txt .data/
 # then run it with carry=[".whl", ".data"]:  bash scripts/gpu_checks.sh [PART ...]
-# PARTs: tests attn variants train gen shakespeare (default: all of them, in that order; "quick" =
+# PARTs: tests attn variants passes train trainvariants gen shakespeare (default: all of them, in that order; "quick" =
 # all but shakespeare). The device tool stops a command at 10 minutes: if the whole list does not fit, split
 # it over two calls, e.g. "tests attn" then "train gen shakespeare".
 set -uo pipefail
 PARTS="${*:-tests attn variants train gen shakespeare}"
 [ "$PARTS" = quick ] && PARTS="tests attn variants train gen"
 for p in $PARTS; do
-  case $p in tests|attn|variants|train|gen|shakespeare) ;;
-    *) echo "error: unknown part '$p' (tests attn variants train gen shakespeare quick)" >&2; exit 2;; esac
+  case $p in tests|attn|variants|passes|train|trainvariants|gen|shakespeare) ;;
+    *) echo "error: unknown part '$p' (tests attn variants passes train trainvariants gen shakespeare quick)" >&2
+       exit 2;; esac
 done
 OUT="${OUT:-$PWD/gpu_out}"; mkdir -p "$OUT"
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -52,11 +53,30 @@ python3 -m kernels.bench --pattern local_strided --window 256 --stride 256 --seq
     --out "$OUT/attn_variants" 2>&1 | tee "$OUT/attn_variants.txt"
 fi
 
+if want passes; then
+step "our kernel's two passes alone at 32K (band against cuDNN's sliding window, strided)"
+for pat in "local --window 256" "strided --stride 256"; do
+  python3 -m kernels.bench --pattern $pat --seq 32768 --tokens 32768 --heads 16 --head-dim 128 \
+      --impls ours,cudnn_band --block-k 64,128 2>&1 | grep -E "^(ours|cudnn)" | tee -a "$OUT/attn_passes.txt"
+done
+fi
+
 if want train; then
 step "training benchmark (shakespeare_char, nanoGPT's config)"
 python3 -m gpt_jax.bench_train --config experiments/shakespeare_char.py \
-    --config.data.path=$SHAKESPEARE --iters 50 --warmup 10 --out "$OUT/bench_train.json" \
+    --config.data.path=$SHAKESPEARE --iters 50 --warmup 10 --out "$OUT/bench_train.json" --profile /tmp/prof_train \
     2>&1 | tee "$OUT/bench_train.txt"
+fi
+
+if want trainvariants; then
+step "training step variants: dropout placement and the PRNG behind the dropout masks"
+bench() { python3 -m gpt_jax.bench_train --config experiments/shakespeare_char.py --config.data.path=$SHAKESPEARE \
+    --iters 30 --warmup 5 "$@" 2>&1 | grep -A1 "ms/iter" | tail -1; }
+for v in "" "--config.model.attn_dropout=0" "--config.model.attn_dropout=0 --config.model.dropout=0"; do
+  for prng in threefry2x32 unsafe_rbg; do
+    echo "$prng ${v:-as configured}: $(JAX_DEFAULT_PRNG_IMPL=$prng bench $v)" | tee -a "$OUT/train_variants.txt"
+  done
+done
 fi
 
 if want gen; then

@@ -1,5 +1,7 @@
 """The GPT model: parameter counts, init scales, attention dispatch and pattern equivalences."""
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -121,3 +123,55 @@ def test_attention_dispatch_routes(monkeypatch, backend, impl, pattern, want):
     q = jnp.zeros((1, 16, 2, 8))
     attention.attend(q, q, q, from_name(pattern, window=4, stride=4), impl)
     assert calls == [want]
+
+
+def _qkv(seed, heads=4, kv_heads=2, seq=32, head_dim=16):
+    keys = jax.random.split(jax.random.key(seed), 3)
+    shapes = [(2, seq, heads, head_dim), (2, seq, kv_heads, head_dim), (2, seq, kv_heads, head_dim)]
+    return [jax.random.normal(kk, s, jnp.float32) for kk, s in zip(keys, shapes)]
+
+
+@pytest.mark.parametrize("name", ["dense", "local_strided", "local/strided"])
+def test_attention_dropout_is_unbiased_and_drops(name):
+    """Averaged over dropout keys, attention with probability dropout is plain attention (kept
+    probabilities scaled by 1 / (1 - rate)); one key differs from it."""
+    from gpt_jax.attention import attend_with_dropout
+    from kernels import reference_attention
+    from kernels.patterns import from_name
+
+    pattern = from_name(name, window=8, stride=8, block=8, c=2)
+    q, k, v = _qkv(7)
+    want = reference_attention(q, k, v, pattern)
+    draws = jax.vmap(lambda key: attend_with_dropout(q, k, v, pattern, 0.3, key))(
+        jax.random.split(jax.random.key(8), 4000))
+    assert float(jnp.abs(draws[0] - want).max()) > 0.1
+    np.testing.assert_allclose(draws.mean(0), want, atol=0.06)
+    np.testing.assert_allclose(attend_with_dropout(q, k, v, pattern, 0.0, jax.random.key(9)), want, atol=1e-5)
+
+
+def test_attention_dropout_acts_only_in_training():
+    plain_cfg, params = init_tiny()
+    model_cfg = dataclasses.replace(plain_cfg, attn_dropout=0.5)
+    tokens = jax.random.randint(jax.random.key(4), (2, 64), 0, 100)
+    run = lambda cfg, **kw: GPT(cfg).apply({"params": params}, tokens, **kw)  # noqa: E731
+    np.testing.assert_allclose(run(model_cfg), run(plain_cfg), atol=1e-6)
+    rngs = {"dropout": jax.random.key(5)}
+    trained = run(model_cfg, deterministic=False, rngs=rngs)
+    assert float(jnp.abs(trained - run(plain_cfg, deterministic=False, rngs=rngs)).max()) > 1e-2
+
+
+def test_dropout_rates_are_validated():
+    cfg = tiny_config(model=dict(attn_dropout=1.0))
+    with pytest.raises(ValueError, match=r"model.attn_dropout must be in \[0, 1\), got 1.0"):
+        GPTConfig.from_config(cfg, 100).validate()
+
+
+def test_embedding_gradient_accumulates_in_the_parameter_dtype():
+    """A token seen 4096 times gets a gradient of 4096 per unit cotangent; summed in bfloat16 it
+    would stop at 256."""
+    from gpt_jax.model import embed_tokens
+
+    table = jnp.zeros((3, 8), jnp.float32)
+    tokens = jnp.zeros((4, 1024), jnp.int32).at[0, 0].set(2)
+    grad = jax.grad(lambda t: embed_tokens(t, tokens, jnp.bfloat16).astype(jnp.float32).sum())(table)
+    np.testing.assert_array_equal(grad[:, 0], [4095.0, 0.0, 1.0])
