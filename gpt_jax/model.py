@@ -94,7 +94,8 @@ def embed_tokens(table, tokens, dtype):
 
     The gradient of a lookup is a scatter-add of every occurrence of a token into its row. Done in
     bfloat16 (Flax's Embed casts the table first) it drops counts: 256 + 1 == 256 in bfloat16, and a
-    character-level batch holds each token thousands of times.
+    character-level batch holds each token thousands of times. XLA:GPU also runs bfloat16
+    scatter-adds as compare-and-swap loops, slow under that contention (openxla/xla#26371).
     """
     return jnp.take(table, tokens, axis=0).astype(dtype)
 
