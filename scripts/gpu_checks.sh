@@ -9,15 +9,17 @@
 # and copy the nanoGPT data beside them (../shared does not travel; the copy is ignored, never committed):
 #   echo /.data/ >> .git/info/exclude; mkdir -p .data; cp ../shared/data/tinyshakespeare.txt .data/
 # then run it with carry=[".whl", ".data"]:  bash scripts/gpu_checks.sh [PART ...]
-# PARTs: tests attn variants passes train trainvariants gen shakespeare (default: all of them, in that order; "quick" =
-# all but shakespeare). The device tool stops a command at 10 minutes: if the whole list does not fit, split
-# it over two calls, e.g. "tests attn" then "train gen shakespeare".
+# PARTs, in the order they run: tests attn variants passes train trainvariants sparsetrain gen shakespeare.
+# Default: tests attn variants train gen shakespeare; "quick" = those but shakespeare. The device tool
+# stops a command at 10 minutes, and on 2026-11-23 these took: tests 1-4 min, attn 4, variants 2+, passes 1,
+# train 1, trainvariants 3, shakespeare 3, gen (GPT-3 Small, 1024 new tokens) over 2.5. Split them, e.g.
+# "tests attn passes", then "train trainvariants shakespeare", then "sparsetrain gen".
 set -uo pipefail
 PARTS="${*:-tests attn variants train gen shakespeare}"
 [ "$PARTS" = quick ] && PARTS="tests attn variants train gen"
 for p in $PARTS; do
-  case $p in tests|attn|variants|passes|train|trainvariants|gen|shakespeare) ;;
-    *) echo "error: unknown part '$p' (tests attn variants passes train trainvariants gen shakespeare quick)" >&2
+  case $p in tests|attn|variants|passes|train|trainvariants|sparsetrain|gen|shakespeare) ;;
+    *) echo "error: unknown part '$p' (tests attn variants passes train trainvariants sparsetrain gen shakespeare quick)" >&2
        exit 2;; esac
 done
 OUT="${OUT:-$PWD/gpu_out}"; mkdir -p "$OUT"
@@ -37,7 +39,8 @@ step() { echo; echo "=== $1 ($(date +%T))"; }
 
 if want tests; then
 step "GPU tests"
-python3 -m pytest tests/test_kernels_gpu.py tests/test_kernels_gpu_interpret.py -q -m "gpu or not gpu" 2>&1 | tee "$OUT/gpu_tests.txt" | tail -15
+# The interpreter tests (tests/test_kernels_gpu_interpret.py) run on CPU in CI; here only what needs the GPU.
+python3 -m pytest tests/test_kernels_gpu.py -q -m gpu 2>&1 | tee "$OUT/gpu_tests.txt" | tail -15
 fi
 
 if want attn; then
@@ -76,6 +79,16 @@ for v in "" "--config.model.attn_dropout=0" "--config.model.attn_dropout=0 --con
   for prng in threefry2x32 unsafe_rbg; do
     echo "$prng ${v:-as configured}: $(JAX_DEFAULT_PRNG_IMPL=$prng bench $v)" | tee -a "$OUT/train_variants.txt"
   done
+done
+fi
+
+if want sparsetrain; then
+step "GPT-3 Small sparse (context 2048) train step: our kernel in the model against masked XLA attention"
+for impl in auto xla; do
+  echo "attention.impl=$impl: $(python3 -m gpt_jax.bench_train --config experiments/gpt3_small_sparse.py \
+      --config.data.tokenizer=byte --config.train.batch_size=8 --config.train.grad_accum=1 \
+      --config.attention.impl=$impl --iters 10 --warmup 3 \
+      2>&1 | grep -A1 "ms/iter" | tail -1)" | tee -a "$OUT/sparse_train.txt"
 done
 fi
 

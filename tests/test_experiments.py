@@ -63,6 +63,6 @@ def test_long_context_and_sparse_configs_are_what_they_claim():
 def test_shakespeare_char_is_nanogpts_config():
     c = load(os.path.join(REPO, "experiments", "shakespeare_char.py"))
     assert (c.model.n_layer, c.model.n_head, c.model.n_embd, c.model.block_size) == (6, 6, 384, 256)
-    assert (c.model.dropout, c.model.use_bias, c.data.tokenizer) == (0.2, False, "char")
+    assert (c.model.dropout, c.model.attn_dropout, c.model.use_bias, c.data.tokenizer) == (0.2, 0.2, False, "char")
     assert (c.train.batch_size, c.train.lr, c.train.steps, c.train.warmup_steps) == (64, 1e-3, 5000, 100)
     assert (c.train.b2, c.train.lr * c.train.min_lr_ratio) == (0.99, pytest.approx(1e-4))
