@@ -88,7 +88,8 @@ def format_profile(profile: Profile, steps: int, wall_ms_per_step: float | None 
                      f"{r.op} ({r.module})")
     if len(profile.ops) > top:
         rest = profile.ops[top:]
-        lines.append(f"{sum(r.total_ns for r in rest) / 1e6 / steps:8.3f} {100 * sum(r.total_ns for r in rest) / total:5.1f}% "
+        rest_ns = sum(r.total_ns for r in rest)
+        lines.append(f"{rest_ns / 1e6 / steps:8.3f} {100 * rest_ns / total:5.1f}% "
                      f"{sum(r.calls for r in rest) / steps:10.1f}  {len(rest)} other ops")
     calls = sum(r.calls for r in profile.ops) / steps
     lines.append(f"ops run per step: {calls:.0f}; device busy {profile.busy_ns / 1e6 / steps:.3f} ms per step")
