@@ -34,5 +34,27 @@ def test_bench_generate_cached_and_uncached_agree(tmp_path):
     for r in rows:
         # float32 greedy decoding: the cache must reproduce the full forward pass token for token.
         assert r["agreement"] == 1.0
+        assert r["forced_agreement"] == 1.0 and r["max_gap"] <= 1e-5
         assert abs(r["cached_tokens_per_s"] - r["batch"] * 8 / r["cached_s"]) < 1e-6 * r["cached_tokens_per_s"]
     assert "cached tok/s" in proc.stdout
+
+
+def test_teacher_forced_check_catches_tokens_the_model_would_not_choose():
+    import jax
+    import numpy as np
+
+    from gpt_jax.bench_generate import teacher_forced_check, uncached_generate
+    from gpt_jax.model import GPTConfig
+    from test_model import init_tiny
+
+    model_cfg, params = init_tiny()
+    model_cfg = GPTConfig(**{**model_cfg.__dict__, "dtype": "float32"})
+    prompt = np.asarray(jax.random.randint(jax.random.key(0), (2, 4), 0, 100), np.int32)
+    fn, args = uncached_generate(model_cfg, params, prompt, 12)
+    greedy = np.asarray(fn(*args))
+    assert teacher_forced_check(model_cfg, params, prompt, greedy) == {"forced_agreement": 1.0, "max_gap": 0.0}
+    # The first token's context is the prompt alone, so any other first token is not the argmax there.
+    wrong = greedy.copy()
+    wrong[:, 0] = (greedy[:, 0] + 1) % model_cfg.vocab_size
+    check = teacher_forced_check(model_cfg, params, prompt, wrong)
+    assert check["forced_agreement"] <= 1 - 2 / greedy.size and check["max_gap"] > 1e-3
