@@ -28,8 +28,11 @@ from gpt_jax.train import build_model
 from gpt_jax.train_step import Trainer
 
 
+PROFILE_STEPS = 5  # traced after the timed steps by --profile
+
+
 def benchmark(config, *, iters: int, warmup: int, distinct_batches: int = 8, profile_dir: str = "",
-              profile_steps: int = 5) -> dict:
+              profile_steps: int = PROFILE_STEPS) -> dict:
     dataset = build_dataset(config.data, None, config.seed)
     model_cfg = build_model(config, dataset.tokenizer.vocab_size)
     mesh = shd.make_mesh(config.mesh)
@@ -84,8 +87,8 @@ def _define_flags(fv):
     flags.DEFINE_integer("iters", 50, "timed iterations", flag_values=fv)
     flags.DEFINE_integer("warmup", 10, "untimed iterations after compilation", flag_values=fv)
     flags.DEFINE_string("out", "", "write the result as JSON here", flag_values=fv)
-    flags.DEFINE_string("profile", "", "trace 5 more steps into this folder and print the time per XLA op",
-                        flag_values=fv)
+    flags.DEFINE_string("profile", "", f"trace {PROFILE_STEPS} more steps into this folder and print the time "
+                        "per XLA op", flag_values=fv)
 
 
 @cli_entry
@@ -102,7 +105,7 @@ def main(argv):
     print(f"{r['ms_per_iter']:18.2f} {r['ms_p10']:7.2f} {r['ms_p90']:7.2f} {r['tokens_per_s']:11,.0f} "
           f"{r['tflops_per_s']:8.2f} {mfu:>8}")
     if r["profile"]:
-        print(f"\nXLA ops of the step, traced over 5 steps into {fv.profile}:\n{r['profile']}")
+        print(f"\nXLA ops of the step, traced over {PROFILE_STEPS} steps into {fv.profile}:\n{r['profile']}")
     if fv.out:
         with open(fv.out, "w") as f:
             json.dump(r, f, indent=2)
