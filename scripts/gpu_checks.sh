@@ -35,6 +35,8 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT
 python3 -c "import jax; print(jax.__version__, jax.devices())" | tee -a "$OUT/gpu.txt"
 
 want() { [[ " $PARTS " == *" $1 "* ]]; }
+# The result line of one gpt_jax.bench_train run (ms/iter, p10, p90, tokens/s, TFLOP/s, MFU).
+step_ms() { python3 -m gpt_jax.bench_train "$@" 2>&1 | grep -A1 "ms/iter" | tail -1; }
 step() { echo; echo "=== $1 ($(date +%T))"; }
 
 if want tests; then
@@ -73,11 +75,10 @@ fi
 
 if want trainvariants; then
 step "training step variants: dropout placement and the PRNG behind the dropout masks"
-bench() { python3 -m gpt_jax.bench_train --config experiments/shakespeare_char.py --config.data.path=$SHAKESPEARE \
-    --iters 30 --warmup 5 "$@" 2>&1 | grep -A1 "ms/iter" | tail -1; }
 for v in "" "--config.model.attn_dropout=0" "--config.model.attn_dropout=0 --config.model.dropout=0"; do
   for prng in threefry2x32 unsafe_rbg; do
-    echo "$prng ${v:-as configured}: $(JAX_DEFAULT_PRNG_IMPL=$prng bench $v)" | tee -a "$OUT/train_variants.txt"
+    echo "$prng ${v:-as configured}: $(JAX_DEFAULT_PRNG_IMPL=$prng step_ms --config experiments/shakespeare_char.py \
+        --config.data.path=$SHAKESPEARE --iters 30 --warmup 5 $v)" | tee -a "$OUT/train_variants.txt"
   done
 done
 fi
@@ -85,10 +86,9 @@ fi
 if want sparsetrain; then
 step "GPT-3 Small sparse (context 2048) train step: our kernel in the model against masked XLA attention"
 for impl in auto xla; do
-  echo "attention.impl=$impl: $(python3 -m gpt_jax.bench_train --config experiments/gpt3_small_sparse.py \
-      --config.data.tokenizer=byte --config.train.batch_size=8 --config.train.grad_accum=1 \
-      --config.attention.impl=$impl --iters 10 --warmup 3 \
-      2>&1 | grep -A1 "ms/iter" | tail -1)" | tee -a "$OUT/sparse_train.txt"
+  echo "attention.impl=$impl: $(step_ms --config experiments/gpt3_small_sparse.py --config.data.tokenizer=byte \
+      --config.train.batch_size=8 --config.train.grad_accum=1 --config.attention.impl=$impl --iters 10 --warmup 3)" \
+      | tee -a "$OUT/sparse_train.txt"
 done
 fi
 
