@@ -29,6 +29,9 @@ setup(
     extras_require={
         "dev": ["pytest==9.2.0", "nbclient==0.11.0", "nbformat==5.11.1", "ipykernel==7.4.0"],
         "gpu": ["jax[cuda13]==0.11.2"],
+        # kernels.gpu_compile: compile the GPU kernels for an H100 on any x86-64 machine (nvdisasm:
+        # Mosaic GPU's dumps disassemble what ptxas built)
+        "gpu_compile": ["jax[cuda13]==0.11.2", "nvidia-cuda-nvdisasm==13.5.37"],
         "tpu": ["jax[tpu]==0.11.2"],
     },
 )

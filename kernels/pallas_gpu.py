@@ -128,13 +128,20 @@ def _lse_layout(p: Pass):
     return to, back
 
 
+def pass_name(p: Pass, t: int) -> str:
+    """"strided" (residue-major), "causal" (every earlier key) or "band": names the pass's kernels."""
+    return "strided" if p.residue_major else ("causal" if p.mask.hi >= t else "band")
+
+
 def _config(p: Pass, t, block_q, block_k, interpret, dkv=False):
     K = _kernels()
     residues = p.stride if in_place(p, t, (block_q, block_k)) else 0
+    name = pass_name(p, t)
     if dkv:  # per-warpgroup key rows = 64 (wgmma M), streamed query blocks of block_k
-        return K.PassConfig(p.mask, t, block_q=block_k, block_k=block_q, interpret=interpret, residues=residues)
+        return K.PassConfig(p.mask, t, block_q=block_k, block_k=block_q, interpret=interpret, residues=residues,
+                            name=name)
     return K.PassConfig(p.mask, t, block_q=block_q, block_k=block_k, interpret=interpret, residues=residues,
-                        pingpong=PINGPONG)
+                        pingpong=PINGPONG, name=name)
 
 
 # ------------------------------------------------------------------------------------------ passes

@@ -135,7 +135,7 @@ def pass_forward(q, k, v, cfg: PassConfig, partial=None):
     if cfg.pingpong and W == 2 and slots >= 2:
         scratch.append(plgpu.Barrier(num_arrivals=W))  # `turn`
     out_type = [jax.ShapeDtypeStruct(q.shape, dtype), jax.ShapeDtypeStruct((B, H, T), jnp.float32)]
-    return parts.launch(body, cfg, out_type, scratch, (H, T // (W * bq), B))(*inputs)
+    return parts.launch(body, cfg, out_type, scratch, (H, T // (W * bq), B), "fwd")(*inputs)
 
 
 # -------------------------------------------------------------------------------------------- backward
@@ -202,7 +202,7 @@ def pass_dq(q, k, v, do, lse2, delta, cfg: PassConfig, partial=None, out_dtype=j
                plgpu.Barrier(num_arrivals=2 * cfg.pieces(bk), num_barriers=slots),
                plgpu.Barrier(num_arrivals=W, num_barriers=slots)]
     out_type = jax.ShapeDtypeStruct(q.shape, out_dtype)
-    return parts.launch(body, cfg, out_type, scratch, (H, T // (W * bq), B))(*inputs)
+    return parts.launch(body, cfg, out_type, scratch, (H, T // (W * bq), B), "dq")(*inputs)
 
 
 def pass_dkv(q, k, v, do, lse2, delta, cfg: PassConfig, partials=None, out_dtype=jnp.float32):
@@ -276,4 +276,4 @@ def pass_dkv(q, k, v, do, lse2, delta, cfg: PassConfig, partials=None, out_dtype
                plgpu.Barrier(num_arrivals=2 * cfg.pieces(bq) + 2, num_barriers=slots),
                plgpu.Barrier(num_arrivals=W, num_barriers=slots)]
     out_type = [jax.ShapeDtypeStruct(q.shape, out_dtype)] * 2
-    return parts.launch(body, cfg, out_type, scratch, (H, T // (W * bk), B))(*inputs)
+    return parts.launch(body, cfg, out_type, scratch, (H, T // (W * bk), B), "dkv")(*inputs)

@@ -53,6 +53,8 @@ class PassConfig:
     # Forward only: the two compute warpgroups take turns on the tensor cores (FA3's ping-pong, as
     # jax's attention_mgpu does), so one's softmax overlaps the other's matmuls.
     pingpong: bool = True
+    # Which pass this is ("band", "strided", "causal"): names the kernels in dumps and profiles.
+    name: str = "pass"
 
     def dims(self, x):
         """(batch, seq, heads, head_dim) of a [B, T, H, D] operand, however it arrived."""
@@ -103,11 +105,17 @@ def visible(mask: DiagonalMask, seq_len, queries0, keys0, shape, transposed=Fals
     j = keys0 + plgpu.broadcasted_iota(jnp.int32, shape, kdim, layout=plgpu.Layout.WGMMA)
     d = i - j
     vis = d >= mask.lo
-    if mask.hi < seq_len:
-        vis = vis & (d <= mask.hi)
-    if mask.seg_len < seq_len:  # packed residues: block-diagonal
-        seg = jnp.full(shape, mask.seg_len, jnp.int32)
-        vis = vis & (lax.div(i, seg) == lax.div(j, seg))
+    limit = mask.hi if mask.hi < seq_len else None
+    if mask.seg_len < seq_len:
+        # Packed residues (block-diagonal): as d >= lo >= 0, j is in i's segment iff d <= i mod seg_len.
+        # A mask and a compare, not two divisions a pair: the divisions made dk/dv spill registers
+        # (kernels.gpu_compile: 480 bytes a thread at T = 2K).
+        seg = mask.seg_len
+        offset = (jnp.bitwise_and(i, seg - 1) if seg & (seg - 1) == 0
+                  else lax.rem(i, jnp.full(shape, seg, jnp.int32)))
+        limit = offset if limit is None else jnp.minimum(offset, limit)
+    if limit is not None:
+        vis = vis & (d <= limit)
     return vis
 
 
@@ -244,7 +252,10 @@ def program():
     return (lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("tiles"), lax.axis_index("wg"))
 
 
-def launch(body, cfg, out_type, scratch, grid):
+def launch(body, cfg, out_type, scratch, grid, kernel: str):
+    """Launch `body` as kernel `{kernel}_{cfg.name}`: the name Mosaic GPU gives its dumps (ptxas
+    report, PTX: kernels/gpu_compile.py) and its launches."""
+    body.__name__ = body.__qualname__ = f"{kernel}_{cfg.name}"
     return plgpu.kernel(body, out_type=out_type, scratch_types=scratch, grid=grid,
                         grid_names=("heads", "tiles", "batch"), num_threads=cfg.compute_wgs + 1,
                         thread_name="wg", compiler_params=plgpu.CompilerParams(approx_math=True),

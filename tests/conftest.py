@@ -1,5 +1,6 @@
 """Shared test helpers. Tests run on CPU; GPU-only and TPU-only tests carry the `gpu` / `tpu` markers and
-skip without one; `tpu_aot` tests compile for a TPU with libtpu and skip without it."""
+skip without one; `tpu_aot` tests compile for a TPU with libtpu and `gpu_aot` tests for an H100 with jax's
+CUDA plugin, and skip without them."""
 
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "tpu: needs a TPU (skipped without one)")
     config.addinivalue_line("markers", "tpu_aot: compiles for a TPU chip with libtpu, no TPU needed (skipped "
                             "without libtpu: pip install -e '.[tpu]')")
+    config.addinivalue_line("markers", "gpu_aot: compiles for an H100 with jax's CUDA plugin, no GPU needed "
+                            "(skipped without it: pip install -e '.[gpu_compile]')")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -34,6 +37,12 @@ def pytest_collection_modifyitems(config, items):
         for item in items:
             if "tpu_aot" in item.keywords:
                 item.add_marker(pytest.mark.skip(reason="needs libtpu (pip install -e '.[tpu]')"))
+    from kernels.gpu_compile import have_cuda_plugin
+
+    if not have_cuda_plugin():
+        for item in items:
+            if "gpu_aot" in item.keywords:
+                item.add_marker(pytest.mark.skip(reason="needs jax's CUDA plugin (pip install -e '.[gpu_compile]')"))
 
 
 def tiny_config(**sections):

@@ -52,6 +52,8 @@ CASES = [
      "128 rows per residue: unpacked strided pass, two tiles per residue, two CTAs per pass"),
     (patterns.local_strided(8, 4), 256, 2, 2, jnp.float32, 128,
      "64 rows per residue, block_k 128: query tiles of one residue, key blocks of two"),
+    (patterns.local_strided(16, 16), 384, 1, 1, jnp.float32, 64,
+     "24 rows per residue (not a power of two), f32: residues straddle tiles, on transposed copies"),
 ]
 
 

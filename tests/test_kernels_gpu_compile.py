@@ -1,0 +1,70 @@
+"""kernels.gpu_compile: what it reads out of Mosaic GPU's dumps, and (marker gpu_aot, skipped without
+jax's CUDA plugin) the Mosaic GPU kernels compiled by ptxas for an H100 on a machine without a GPU."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from kernels import gpu_compile
+from kernels.gpu_compile import KernelReport
+
+PTXAS = """ptxas info    : 0 bytes gmem
+ptxas info    : Compiling entry function 'dkv_band_mosaic_gpu_kernel' for 'sm_90a'
+ptxas info    : Function properties for dkv_band_mosaic_gpu_kernel
+    48 bytes stack frame, 60 bytes spill stores, 108 bytes spill loads
+ptxas info    : Used 168 registers, used 16 barriers, 48 bytes cumulative stack size, 1 bytes smem
+"""
+
+LAUNCH = ("    gpu.launch async [%10] blocks(%arg2, %arg3, %arg4) in (%arg8 = %c1, %arg9 = %c256_3, %arg10 = %c16) "
+          "threads(%arg5, %arg6, %arg7) in (%arg11 = %c384, %arg12 = %c1, %arg13 = %c1) "
+          "dynamic_shared_memory_size %c166968_i32 {\n")
+
+
+def test_reads_registers_spills_and_launch_from_the_dumps(tmp_path):
+    assert gpu_compile.parse_ptxas(PTXAS) == (168, 60, 108)
+    assert gpu_compile.parse_launch("module {\n" + LAUNCH + "}") == (256 * 16, 384, 166968)
+    with pytest.raises(ValueError, match="not a ptxas report"):
+        gpu_compile.parse_ptxas("ptxas fatal   : Unresolved extern function")
+    # A folder as Mosaic GPU leaves it: one report per kernel, named after the kernel
+    (tmp_path / "dkv_band_0.ptxas").write_text(PTXAS)
+    (tmp_path / "dkv_band_0.after_layout_inference.txt").write_text(LAUNCH)
+    (r,) = gpu_compile.read_dumps(str(tmp_path))
+    assert (r.name, r.grid, r.threads, r.smem, r.registers, r.spill_stores, r.spill_loads) == (
+        "dkv_band", 4096, 384, 166968, 168, 60, 108)
+
+
+def test_ctas_per_sm_is_the_tightest_limit():
+    # 384 threads at 168 registers take 64,512 of the SM's 65,536 registers: one CTA, 4096 CTAs in 31 waves
+    big = KernelReport("k", grid=4096, threads=384, smem=64 * 1024, registers=168, spill_stores=0, spill_loads=0)
+    assert big.ctas_per_sm == 1 and big.waves == pytest.approx(4096 / 132)
+    # registers allow 4 (65536 / (128 * 128)); 100 KiB + 1 KiB reserved each: shared memory allows 2
+    smem_bound = KernelReport("k", grid=264, threads=128, smem=100 * 1024, registers=128, spill_stores=0, spill_loads=0)
+    assert smem_bound.ctas_per_sm == 2 and smem_bound.waves == pytest.approx(1.0)
+    # small CTAs: 2048 threads an SM
+    threads_bound = KernelReport("k", grid=132, threads=512, smem=1024, registers=32, spill_stores=0, spill_loads=0)
+    assert threads_bound.ctas_per_sm == 4
+
+
+def test_cli_says_what_it_needs(monkeypatch):
+    monkeypatch.setattr(gpu_compile, "have_cuda_plugin", lambda: False)
+    with pytest.raises(SystemExit, match=r"kernels.gpu_compile needs jax's CUDA plugin: pip install -e '.\[gpu_compile\]'"):
+        gpu_compile.main(["--seq", "2048"])
+
+
+@pytest.mark.gpu_aot
+def test_benchmark_shape_compiles_for_an_h100_without_spills_in_the_forward(tmp_path):
+    """ptxas builds every kernel of local+strided attention forward and backward at T = 2K for sm_90a;
+    each fits one CTA an SM (three warpgroups) and the forward kernels do not spill (kernels/NOTES.md
+    lists the backward's spills)."""
+    out = tmp_path / "k.json"
+    subprocess.run([sys.executable, "-m", "kernels.gpu_compile", "--seq", "2048", "--out", str(out)], check=True,
+                   capture_output=True)
+    rows = {r["name"]: r for r in json.loads(out.read_text())}
+    assert sorted(rows) == sorted(f"{k}_{p}" for k in ("fwd", "dq", "dkv") for p in ("band", "strided"))
+    for r in rows.values():
+        assert r["grid"] == 16 * (2048 // 128) * 16 and r["threads"] == 384
+        assert r["smem"] <= 227 * 1024 and r["ctas_per_sm"] == 1
+    for name in ("fwd_band", "fwd_strided"):
+        assert rows[name]["spill_stores"] == rows[name]["spill_loads"] == 0, rows[name]
