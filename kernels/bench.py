@@ -38,7 +38,9 @@ ALL_IMPLS = ("ours", "cudnn_dense", "cudnn_band", "splash", "xla_mask", "referen
 # instead of 8 (where 16 divide the heads).
 VARIANTS = {"default": {}, "no-pingpong": {"pallas_gpu": {"PINGPONG": False}},
             "transposed": {"pallas_gpu": {"STRIDED_IN_PLACE": False}, "pallas_tpu_layout": {"IN_PLACE": False}},
-            "heads-16": {"pallas_tpu_layout": {"TILE_HEADS": 16}}}
+            "heads-16": {"pallas_tpu_layout": {"TILE_HEADS": 16}},
+            # the GPU forward's CTAs running 2, 4 or 8 row tiles each (kernels/NOTES.md)
+            **{f"tiles-{n}": {"pallas_gpu": {"FORWARD_TILES": n}} for n in (2, 4, 8)}}
 BWD_FACTOR = 3.5
 MAX_SCORES_BYTES = 16 * 2**30  # skip materialized-score baselines above this (they OOM or crawl)
 

@@ -204,6 +204,8 @@ def main(argv=None):
     ap.add_argument("--heads", type=int, default=16)
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--block-k", type=int, default=None)
+    ap.add_argument("--forward-tiles", type=int, default=None, help="row tiles a forward CTA runs in turn "
+                    "(pallas_gpu.FORWARD_TILES; default: its value)")
     ap.add_argument("--out", default="", help="write the rows as JSON here")
     args = ap.parse_args(argv)
     try:
@@ -212,6 +214,12 @@ def main(argv=None):
         pattern = patterns.from_name(args.pattern, window=args.window, stride=args.stride)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
+    if args.forward_tiles is not None:
+        if args.forward_tiles < 1:
+            raise SystemExit(f"error: --forward-tiles must be at least 1, got {args.forward_tiles}")
+        from kernels import pallas_gpu
+
+        pallas_gpu.FORWARD_TILES = args.forward_tiles
     os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")  # before jax starts its backends
     print(HEADER + "\n" + "-" * len(HEADER), flush=True)
     rows = []

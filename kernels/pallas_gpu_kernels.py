@@ -45,31 +45,33 @@ def pass_forward(q, k, v, cfg: PassConfig, partial=None):
         (o_ref, lse_ref, q_smem, k_smem, v_smem, lse_smem, q_bar, ready, consumed,
          *optional) = refs[len(inputs):]
         part_smem, part_lse_smem, part_bar = optional[:3] if part else (None, None, None)
-        turn = optional[3 if part else 0:]  # the ping-pong barrier, when there is one
-        b, h, tile, wg = parts.program()
+        o_smem = part_smem if part else (optional[0] if cfg.tiles > 1 else q_smem)  # o's staging buffer
+        turn = optional[3 if part else (1 if cfg.tiles > 1 else 0):]  # the ping-pong barrier, when there is one
+        b, h, cta, wg = parts.program()
         kvh = lax.div(h, group)
-        r0 = tile * (W * bq) + wg * bq
-        ranges = parts.cta_ranges(row_tile_range, tile * (W * bq), cfg, bq, bk, wg)
+        tile0 = lambda t: (cta * cfg.tiles + t) * (W * bq)  # noqa: E731  first row of the CTA's t-th tile
+        r0 = lambda t: tile0(t) + wg * bq  # noqa: E731  this warpgroup's first row of it
+        ranges_of = lambda t: parts.cta_ranges(row_tile_range, tile0(t), cfg, bq, bk, wg)  # noqa: E731
 
         issue = parts.kv_issue(cfg, k_ref, v_ref, k_smem, v_smem, ready, b, kvh, Hk)
 
         # Ping-pong: every block costs each compute warpgroup two rounds on the `turn` barrier (one
         # while its S = QK^T runs, one after its softmax), skipped blocks included, and warpgroup 1
-        # starts one round late, so the two alternate between matmuls and softmax. The leader is
-        # then at most one block ahead, so it never waits for a ring slot that only the other one's
-        # release can free: that needs 2 slots (with 1 the two would wait for each other).
+        # starts each tile one round late, so the two alternate between matmuls and softmax. The
+        # leader is then at most one block ahead, so it never waits for a ring slot that only the
+        # other one's release can free: that needs 2 slots (with 1 the two would wait for each other).
         pingpong = bool(turn)
 
         def take_turn():
             plgpu.barrier_arrive(turn[0])
             plgpu.barrier_wait(turn[0])
 
-        def step(blk, slot, carry, masked):
+        def step(t, blk, slot, carry, masked):
             acc, m, l = carry
             s = parts.mma(None, q_smem.at[wg], k_smem.at[slot].T, cfg.interpret,
                      after_issue=take_turn if pingpong else None) * scale2
             if masked:
-                s = jnp.where(parts.visible(cfg.mask, T, r0, blk * bk, s.shape), s, -jnp.inf)
+                s = jnp.where(parts.visible(cfg.mask, T, r0(t), blk * bk, s.shape), s, -jnp.inf)
             m_new = jnp.maximum(m, s.max(axis=1))
             m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)
             p = jnp.exp2(s - parts.per_row(m_use, s.shape))
@@ -80,45 +82,64 @@ def pass_forward(q, k, v, cfg: PassConfig, partial=None):
             acc = parts.mma(acc * parts.per_row(alpha, acc.shape), p.astype(dtype), v_smem.at[slot], cfg.interpret)
             return acc, m_new, l
 
-        acc0 = plgpu.layout_cast(jnp.zeros((bq, D), jnp.float32), plgpu.Layout.WGMMA)
-        m0 = plgpu.layout_cast(jnp.full((bq,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
-        l0 = plgpu.layout_cast(jnp.zeros((bq,), jnp.float32), plgpu.Layout.WGMMA.reduce(1))
-        compute = parts.stream(wg, cfg, ranges, issue, step, ready, consumed,
-                          skipped=(lambda: (take_turn(), take_turn())) if pingpong else None)
+        compute = parts.stream(wg, cfg, ranges_of, issue, step, ready, consumed,
+                               skipped=(lambda: (take_turn(), take_turn())) if pingpong else None)
 
         @pl.when(wg < W)
         def _compute():
-            rows = parts.row_pieces(cfg, b, r0, bq, h, H)
-            parts.load_rows(q_ref, q_smem.at[wg], q_bar.at[wg], rows)
-            if part:  # the earlier pass's o and lse of these rows land while the keys stream
-                parts.load_rows(part[0], part_smem.at[wg], part_bar.at[wg], rows)
-                plgpu.copy_gmem_to_smem(part[1].at[b, h, pl.ds(r0, bq)], part_lse_smem.at[wg], part_bar.at[wg])
-            plgpu.barrier_wait(q_bar.at[wg])
-            if pingpong:
-                pl.when(wg == 1)(take_turn)
-            acc, m, l = compute((acc0, m0, l0))
-            if pingpong:
-                pl.when(wg == 0)(take_turn)
+            rows = lambda t: parts.row_pieces(cfg, b, r0(t), bq, h, H)  # noqa: E731
+
+            def load_q(t):
+                parts.load_rows(q_ref, q_smem.at[wg], q_bar.at[wg], rows(t))
+
+            def load_partial(t):  # the earlier pass's o and lse of these rows land while the keys stream
+                parts.load_rows(part[0], part_smem.at[wg], part_bar.at[wg], rows(t))
+                plgpu.copy_gmem_to_smem(part[1].at[b, h, pl.ds(r0(t), bq)], part_lse_smem.at[wg], part_bar.at[wg])
+
+            def begin(t):
+                plgpu.barrier_wait(q_bar.at[wg])
+                if pingpong:
+                    pl.when(wg == 1)(take_turn)
+                acc0 = plgpu.layout_cast(jnp.zeros((bq, D), jnp.float32), plgpu.Layout.WGMMA)
+                m0 = plgpu.layout_cast(jnp.full((bq,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+                l0 = plgpu.layout_cast(jnp.zeros((bq,), jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+                return acc0, m0, l0
+
+            def end(t, carry):
+                acc, m, l = carry
+                if pingpong:
+                    pl.when(wg == 0)(take_turn)
+                more = t + 1 < cfg.tiles
+                pl.when(more)(lambda: load_q(t + 1))  # q's buffer is free: the next rows load during this epilogue
+                if part:
+                    # o = (w1 o1 + acc 2^(m - m*)) / (w1 + l 2^(m - m*)), w1 = 2^(lse1 - m*), in log2 units
+                    # with m* the larger of lse1 and this pass's log2 sum; rows empty in both give 0, -inf.
+                    plgpu.barrier_wait(part_bar.at[wg])
+                    lse1 = plgpu.load(part_lse_smem.at[wg], layout=plgpu.Layout.WGMMA.reduce(1)) * parts.LOG2E
+                    own = jnp.where(l == 0.0, -jnp.inf, m + jnp.log2(jnp.where(l == 0.0, 1.0, l)))
+                    top = jnp.maximum(lse1, own)
+                    top = jnp.where(top == -jnp.inf, 0.0, top)
+                    w1 = jnp.exp2(lse1 - top)
+                    w2 = jnp.exp2(m - top)
+                    o1 = plgpu.load(part_smem.at[wg], layout=plgpu.Layout.WGMMA).astype(jnp.float32)
+                    acc = parts.per_row(w1, acc.shape) * o1 + acc * parts.per_row(w2, acc.shape)
+                    l, m = w1 + l * w2, top
+                empty = l == 0.0
+                l_safe = jnp.where(empty, 1.0, l)
+                o_smem.at[wg][...] = (acc / parts.per_row(l_safe, acc.shape)).astype(dtype)
+                lse_smem.at[wg][...] = jnp.where(empty, -jnp.inf, (m + jnp.log2(l_safe)) * parts.LN2)
+                plgpu.commit_smem()
+                parts.store_rows(o_smem.at[wg], o_ref, rows(t))
+                plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[b, h, pl.ds(r0(t), bq)])
+                if cfg.tiles > 1:
+                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the staging buffers are free again
+                if part:
+                    pl.when(more)(lambda: load_partial(t + 1))
+
+            load_q(0)
             if part:
-                # o = (w1 o1 + acc 2^(m - m*)) / (w1 + l 2^(m - m*)), w1 = 2^(lse1 - m*), in log2 units
-                # with m* the larger of lse1 and this pass's log2 sum; rows empty in both give 0, -inf.
-                plgpu.barrier_wait(part_bar.at[wg])
-                lse1 = plgpu.load(part_lse_smem.at[wg], layout=plgpu.Layout.WGMMA.reduce(1)) * parts.LOG2E
-                own = jnp.where(l == 0.0, -jnp.inf, m + jnp.log2(jnp.where(l == 0.0, 1.0, l)))
-                top = jnp.maximum(lse1, own)
-                top = jnp.where(top == -jnp.inf, 0.0, top)
-                w1 = jnp.exp2(lse1 - top)
-                w2 = jnp.exp2(m - top)
-                o1 = plgpu.load(part_smem.at[wg], layout=plgpu.Layout.WGMMA).astype(jnp.float32)
-                acc = parts.per_row(w1, acc.shape) * o1 + acc * parts.per_row(w2, acc.shape)
-                l, m = w1 + l * w2, top
-            empty = l == 0.0
-            l_safe = jnp.where(empty, 1.0, l)
-            q_smem.at[wg][...] = (acc / parts.per_row(l_safe, acc.shape)).astype(dtype)
-            lse_smem.at[wg][...] = jnp.where(empty, -jnp.inf, (m + jnp.log2(l_safe)) * parts.LN2)
-            plgpu.commit_smem()
-            parts.store_rows(q_smem.at[wg], o_ref, rows)
-            plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[b, h, pl.ds(r0, bq)])
+                load_partial(0)
+            compute(begin, end)
             plgpu.wait_smem_to_gmem(0)
 
     tr = parts.transforms(dtype)
@@ -129,13 +150,17 @@ def pass_forward(q, k, v, cfg: PassConfig, partial=None):
                plgpu.Barrier(num_arrivals=cfg.pieces(bq), num_barriers=W),
                plgpu.Barrier(num_arrivals=2 * cfg.pieces(bk), num_barriers=slots),
                plgpu.Barrier(num_arrivals=W, num_barriers=slots)]
-    if partial:  # the earlier pass's o and lse rows, and the barrier they arrive on
+    if partial:  # the earlier pass's o and lse rows, and the barrier they arrive on (o's staging too)
         scratch += [plgpu.SMEM((W, bq, D), dtype, transforms=tr), plgpu.SMEM((W, bq), jnp.float32),
                     plgpu.Barrier(num_arrivals=cfg.pieces(bq) + 1, num_barriers=W)]
+    elif cfg.tiles > 1:  # o's staging, so that q's buffer can take the next tile's rows during the epilogue
+        scratch.append(plgpu.SMEM((W, bq, D), dtype, transforms=tr))
     if cfg.pingpong and W == 2 and slots >= 2:
         scratch.append(plgpu.Barrier(num_arrivals=W))  # `turn`
     out_type = [jax.ShapeDtypeStruct(q.shape, dtype), jax.ShapeDtypeStruct((B, H, T), jnp.float32)]
-    return parts.launch(body, cfg, out_type, scratch, (H, T // (W * bq), B), "fwd")(*inputs)
+    if (T // (W * bq)) % cfg.tiles:
+        raise ValueError(f"{cfg.tiles} tiles a CTA do not divide the {T // (W * bq)} row tiles of a head")
+    return parts.launch(body, cfg, out_type, scratch, (H, T // (W * bq * cfg.tiles), B), "fwd")(*inputs)
 
 
 # -------------------------------------------------------------------------------------------- backward
@@ -162,7 +187,7 @@ def pass_dq(q, k, v, do, lse2, delta, cfg: PassConfig, partial=None, out_dtype=j
 
         issue = parts.kv_issue(cfg, k_ref, v_ref, k_smem, v_smem, ready, b, kvh, Hk)
 
-        def step(blk, slot, carry, masked):
+        def step(t, blk, slot, carry, masked):
             dq, lse, delta = carry
             s = parts.mma(None, q_smem.at[wg], k_smem.at[slot].T, cfg.interpret)
             p = jnp.exp2(s * (scale * parts.LOG2E) - parts.per_row(lse, s.shape))
@@ -173,7 +198,7 @@ def pass_dq(q, k, v, do, lse2, delta, cfg: PassConfig, partial=None, out_dtype=j
             dq = parts.mma(dq, ds.astype(dtype), k_smem.at[slot], cfg.interpret)
             return dq, lse, delta
 
-        compute = parts.stream(wg, cfg, ranges, issue, step, ready, consumed)
+        compute = parts.stream(wg, cfg, lambda t: ranges, issue, step, ready, consumed)
 
         @pl.when(wg < W)
         def _compute():
@@ -184,13 +209,19 @@ def pass_dq(q, k, v, do, lse2, delta, cfg: PassConfig, partial=None, out_dtype=j
             plgpu.copy_gmem_to_smem(delta_ref.at[b, h, pl.ds(r0, bq)], delta_smem.at[wg], res_bar.at[wg])
             if part:  # lands in the staging buffer while the key blocks stream
                 parts.load_rows(part[0], out_smem.at[wg], part_bar.at[wg], rows)
-            plgpu.barrier_wait(res_bar.at[wg])
-            lse = plgpu.load(lse_smem.at[wg], layout=plgpu.Layout.WGMMA.reduce(1))
-            delta = plgpu.load(delta_smem.at[wg], layout=plgpu.Layout.WGMMA.reduce(1))
-            dq0 = plgpu.layout_cast(jnp.zeros((bq, D), jnp.float32), plgpu.Layout.WGMMA)
-            dq, _, _ = compute((dq0, lse, delta))
-            parts.write_rows(dq * scale, rows, dq_ref, out_smem.at[wg], q_smem.at[wg], part_bar.at[wg] if part else None)
-            plgpu.wait_smem_to_gmem(0)
+
+            def begin(t):
+                plgpu.barrier_wait(res_bar.at[wg])
+                lse = plgpu.load(lse_smem.at[wg], layout=plgpu.Layout.WGMMA.reduce(1))
+                delta = plgpu.load(delta_smem.at[wg], layout=plgpu.Layout.WGMMA.reduce(1))
+                return plgpu.layout_cast(jnp.zeros((bq, D), jnp.float32), plgpu.Layout.WGMMA), lse, delta
+
+            def end(t, carry):
+                bar = part_bar.at[wg] if part else None
+                parts.write_rows(carry[0] * scale, rows, dq_ref, out_smem.at[wg], q_smem.at[wg], bar)
+                plgpu.wait_smem_to_gmem(0)
+
+            compute(begin, end)
 
     tr = parts.transforms(dtype)
     scratch = [plgpu.SMEM((W, bq, D), dtype, transforms=tr), plgpu.SMEM((W, bq, D), dtype, transforms=tr),
@@ -224,14 +255,14 @@ def pass_dkv(q, k, v, do, lse2, delta, cfg: PassConfig, partials=None, out_dtype
         c0 = tile * (W * bk) + wg * bk
         ranges = parts.cta_ranges(col_tile_range, tile * (W * bk), cfg, bk, bq, wg)
 
-        def issue(blk, slot):
+        def issue(t, blk, slot):
             src = parts.row_pieces(cfg, b, blk * bq, bq, h, H)
             parts.load_rows(q_ref, q_smem.at[slot], ready.at[slot], src)
             parts.load_rows(do_ref, do_smem.at[slot], ready.at[slot], src)
             plgpu.copy_gmem_to_smem(lse_ref.at[b, h, pl.ds(blk * bq, bq)], lse_smem.at[slot], ready.at[slot])
             plgpu.copy_gmem_to_smem(delta_ref.at[b, h, pl.ds(blk * bq, bq)], delta_smem.at[slot], ready.at[slot])
 
-        def step(blk, slot, carry, masked):
+        def step(t, blk, slot, carry, masked):
             dk, dv = carry
             st = parts.mma(None, k_smem.at[wg], q_smem.at[slot].T, cfg.interpret)  # [bk, bq]
             lse = plgpu.load(lse_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
@@ -245,7 +276,7 @@ def pass_dkv(q, k, v, do, lse2, delta, cfg: PassConfig, partials=None, out_dtype
             dk = parts.mma(dk, dst.astype(dtype), q_smem.at[slot], cfg.interpret)
             return dk, dv
 
-        compute = parts.stream(wg, cfg, ranges, issue, step, ready, consumed)
+        compute = parts.stream(wg, cfg, lambda t: ranges, issue, step, ready, consumed)
 
         @pl.when(wg < W)
         def _compute():
@@ -255,16 +286,23 @@ def pass_dkv(q, k, v, do, lse2, delta, cfg: PassConfig, partials=None, out_dtype
             out = parts.row_pieces(cfg, b, c0, bk, h, H)
             if part:  # dk's partial lands in the staging buffer while the query blocks stream
                 parts.load_rows(part[0], out_smem.at[wg], part_bar.at[wg], out)
-            plgpu.barrier_wait(res_bar.at[wg])
-            zero = plgpu.layout_cast(jnp.zeros((bk, D), jnp.float32), plgpu.Layout.WGMMA)
-            dk, dv = compute((zero, zero))
-            bar = part_bar.at[wg] if part else None
-            parts.write_rows(dk * scale, out, dk_ref, out_smem.at[wg], k_smem.at[wg], bar)
-            plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the staging buffer is free again
-            if part:
-                parts.load_rows(part[1], out_smem.at[wg], part_bar.at[wg], out)
-            parts.write_rows(dv, out, dv_ref, out_smem.at[wg], v_smem.at[wg], bar)
-            plgpu.wait_smem_to_gmem(0)
+
+            def begin(t):
+                plgpu.barrier_wait(res_bar.at[wg])
+                zero = plgpu.layout_cast(jnp.zeros((bk, D), jnp.float32), plgpu.Layout.WGMMA)
+                return zero, zero
+
+            def end(t, carry):
+                dk, dv = carry
+                bar = part_bar.at[wg] if part else None
+                parts.write_rows(dk * scale, out, dk_ref, out_smem.at[wg], k_smem.at[wg], bar)
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the staging buffer is free again
+                if part:
+                    parts.load_rows(part[1], out_smem.at[wg], part_bar.at[wg], out)
+                parts.write_rows(dv, out, dv_ref, out_smem.at[wg], v_smem.at[wg], bar)
+                plgpu.wait_smem_to_gmem(0)
+
+            compute(begin, end)
 
     tr = parts.transforms(dtype)
     scratch = [plgpu.SMEM((W, bk, D), dtype, transforms=tr), plgpu.SMEM((W, bk, D), dtype, transforms=tr),

@@ -55,6 +55,9 @@ class PassConfig:
     pingpong: bool = True
     # Which pass this is ("band", "strided", "causal"): names the kernels in dumps and profiles.
     name: str = "pass"
+    # Forward only: consecutive row tiles a CTA runs one after another (grid / tiles CTAs), its ring
+    # streaming on across them, so the next tile's blocks load while this one computes.
+    tiles: int = 1
 
     def dims(self, x):
         """(batch, seq, heads, head_dim) of a [B, T, H, D] operand, however it arrived."""
@@ -129,38 +132,52 @@ def per_col(x, shape):
     return lax.broadcast_in_dim(x, shape, [1])
 
 
-def stream(wg, cfg: PassConfig, ranges, issue, step, ready, consumed, skipped=None):
-    """Run the memory warpgroup (issue(blk, slot) starts the TMA copies of block blk into ring slot)
-    and, on each compute warpgroup, step(blk, slot, carry, masked) over its own range.
-    ranges: per-warpgroup (lo, hi, full_lo, full_hi) of the calling warpgroup, and the CTA union.
-    skipped(): runs for each block of the union the warpgroup skips (to keep in step with the others).
-    Returns compute(carry) -> final carry, for the caller to run on its compute warpgroups."""
-    (lo, hi, f_lo, f_hi), (cta_lo, cta_hi) = ranges
+def stream(wg, cfg: PassConfig, ranges_of, issue, step, ready, consumed, skipped=None):
+    """Run the memory warpgroup and return compute(begin, end) for the compute warpgroups, over the
+    CTA's `cfg.tiles` tiles t = 0, 1, ... (a loop, t traced; with one tile, t is the int 0).
+
+    ranges_of(t): the calling warpgroup's own (lo, hi, full_lo, full_hi) and the CTA union
+    (cta_lo, cta_hi) of tile t. issue(t, blk, slot) starts the TMA copies of tile t's block blk into
+    ring slot `slot`; step(t, blk, slot, carry, masked) works on it. The ring runs on across tiles
+    (block g of the CTA's stream takes slot g % slots), so the memory warpgroup loads the next tile's
+    first blocks while the compute warpgroups finish this one. skipped(): runs for each block of the
+    union that the warpgroup skips (to keep in step with the others). compute(begin, end): begin(t)
+    waits for the tile's resident operands and returns the initial carry; end(t, carry) is its epilogue."""
     slots = cfg.slots
+
+    def tile_loop(body):  # body(t, g0) -> g0 of the next tile; one tile: t = 0 is a Python int
+        if cfg.tiles == 1:
+            return body(0, jnp.int32(0))
+        return lax.fori_loop(0, cfg.tiles, body, jnp.int32(0))
 
     @pl.when(wg == cfg.compute_wgs)
     def _memory():
         plgpu.set_max_registers(40, action="decrease")
-        for i in range(slots):
-            pl.when(cta_lo + i < cta_hi)(functools.partial(issue, cta_lo + i, i))
 
-        @pl.loop(cta_lo + slots, cta_hi)
-        def _refill(blk):
-            slot = lax.rem(blk - cta_lo, slots)
-            plgpu.barrier_wait(consumed.at[slot])
-            issue(blk, slot)
+        def issue_tile(t, g0):  # g0: stream index of the tile's first block
+            _, (cta_lo, cta_hi) = ranges_of(t)
+
+            @pl.loop(cta_lo, cta_hi)
+            def _issue(blk):
+                g = g0 + blk - cta_lo
+                slot = lax.rem(g, slots)
+                pl.when(g >= slots)(lambda: plgpu.barrier_wait(consumed.at[slot]))  # slot's last block done
+                issue(t, blk, slot)
+            return g0 + (cta_hi - cta_lo)
+
+        total = tile_loop(issue_tile)
 
         # Observe the last releases too, so every waiter has seen every phase of every barrier
         # (the interpreter checks it; on the GPU it only keeps this warpgroup until the CTA ends).
-        @pl.loop(jnp.maximum(cta_lo, cta_hi - slots), cta_hi)
-        def _drain(blk):
-            plgpu.barrier_wait(consumed.at[lax.rem(blk - cta_lo, slots)])
+        @pl.loop(jnp.maximum(0, total - slots), total)
+        def _drain(g):
+            plgpu.barrier_wait(consumed.at[lax.rem(g, slots)])
 
-    def visit(mode, blk, carry):
-        slot = lax.rem(blk - cta_lo, slots)
+    def visit(t, g0, cta_lo, mode, blk, carry):
+        slot = lax.rem(g0 + blk - cta_lo, slots)
         plgpu.barrier_wait(ready.at[slot])
         if mode != "skip":
-            carry = step(blk, slot, carry, mode == "masked")
+            carry = step(t, blk, slot, carry, mode == "masked")
             if cfg.interpret:
                 # The interpreter orders generic-proxy reads before the next TMA (async proxy) write
                 # into the slot only through a proxy fence; on the GPU the mbarrier release suffices
@@ -171,12 +188,19 @@ def stream(wg, cfg: PassConfig, ranges, issue, step, ready, consumed, skipped=No
         plgpu.barrier_arrive(consumed.at[slot])
         return carry
 
-    def compute(carry):
+    def compute(begin, end):
         plgpu.set_max_registers(232 if cfg.compute_wgs == 2 else 240, action="increase")
-        for mode, a, b in (("skip", cta_lo, lo), ("masked", lo, f_lo), ("full", f_lo, f_hi),
-                           ("masked", f_hi, hi), ("skip", hi, cta_hi)):
-            carry = lax.fori_loop(a, b, functools.partial(visit, mode), carry)
-        return carry
+
+        def run_tile(t, g0):
+            (lo, hi, f_lo, f_hi), (cta_lo, cta_hi) = ranges_of(t)
+            carry = begin(t)
+            for mode, a, b in (("skip", cta_lo, lo), ("masked", lo, f_lo), ("full", f_lo, f_hi),
+                               ("masked", f_hi, hi), ("skip", hi, cta_hi)):
+                carry = lax.fori_loop(a, b, functools.partial(visit, t, g0, cta_lo, mode), carry)
+            end(t, carry)
+            return g0 + (cta_hi - cta_lo)
+
+        tile_loop(run_tile)
 
     return compute
 
@@ -223,7 +247,7 @@ def kv_issue(cfg: PassConfig, k_ref, v_ref, k_smem, v_smem, ready, b, kvh, kv_he
     head `kvh`, all arriving on the slot's `ready` barrier (2 * cfg.pieces(block_k) arrivals)."""
     bk = cfg.block_k
 
-    def issue(blk, slot):
+    def issue(t, blk, slot):  # the same kv head for all of a CTA's tiles: blk alone says which rows
         pieces = row_pieces(cfg, b, blk * bk, bk, kvh, kv_heads)
         load_rows(k_ref, k_smem.at[slot], ready.at[slot], pieces)
         load_rows(v_ref, v_smem.at[slot], ready.at[slot], pieces)

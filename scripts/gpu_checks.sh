@@ -9,7 +9,7 @@
 # and copy the nanoGPT data beside them (../shared does not travel; the copy is ignored, never committed):
 #   echo /.data/ >> .git/info/exclude; mkdir -p .data; cp ../shared/data/tinyshakespeare.txt .data/
 # then run it with carry=[".whl", ".data"]:  bash scripts/gpu_checks.sh [PART ...]
-# PARTs, in the order they run: tests attn variants passes train trainvariants sparsetrain gen shakespeare.
+# PARTs, in the order they run: tests attn variants tiles passes train trainvariants sparsetrain gen shakespeare.
 # Default: tests attn variants train gen shakespeare; "quick" = those but shakespeare. The device tool
 # stops a command at 10 minutes, and on 2026-11-23 these took: tests 1-4 min, attn 4, variants 2+, passes 1,
 # train 1, trainvariants 3, shakespeare 3, gen (GPT-3 Small, 1024 new tokens) over 2.5. Split them, e.g.
@@ -18,8 +18,8 @@ set -uo pipefail
 PARTS="${*:-tests attn variants train gen shakespeare}"
 [ "$PARTS" = quick ] && PARTS="tests attn variants train gen"
 for p in $PARTS; do
-  case $p in tests|attn|variants|passes|train|trainvariants|sparsetrain|gen|shakespeare) ;;
-    *) echo "error: unknown part '$p' (tests attn variants passes train trainvariants sparsetrain gen shakespeare quick)" >&2
+  case $p in tests|attn|variants|tiles|passes|train|trainvariants|sparsetrain|gen|shakespeare) ;;
+    *) echo "error: unknown part '$p' (tests attn variants tiles passes train trainvariants sparsetrain gen shakespeare quick)" >&2
        exit 2;; esac
 done
 OUT="${OUT:-$PWD/gpu_out}"; mkdir -p "$OUT"
@@ -56,6 +56,13 @@ step "our kernel's variants (ping-pong off, transposed strided pass)"
 python3 -m kernels.bench --pattern local_strided --window 256 --stride 256 --seq 2048,32768 \
     --tokens 32768 --heads 16 --head-dim 128 --impls ours --variants default,no-pingpong,transposed \
     --out "$OUT/attn_variants" 2>&1 | tee "$OUT/attn_variants.txt"
+fi
+
+if want tiles; then
+step "forward CTAs running 1, 2, 4, 8 row tiles (kernels/NOTES.md: persistent tiles)"
+python3 -m kernels.bench --pattern local_strided --window 256 --stride 256 --seq 2048,8192,32768 \
+    --tokens 32768 --heads 16 --head-dim 128 --impls ours --variants default,tiles-2,tiles-4,tiles-8 \
+    --out "$OUT/attn_tiles" 2>&1 | tee "$OUT/attn_tiles.txt"
 fi
 
 if want passes; then
