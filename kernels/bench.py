@@ -39,8 +39,9 @@ ALL_IMPLS = ("ours", "cudnn_dense", "cudnn_band", "splash", "xla_mask", "referen
 VARIANTS = {"default": {}, "no-pingpong": {"pallas_gpu": {"PINGPONG": False}},
             "transposed": {"pallas_gpu": {"STRIDED_IN_PLACE": False}, "pallas_tpu_layout": {"IN_PLACE": False}},
             "heads-16": {"pallas_tpu_layout": {"TILE_HEADS": 16}},
-            # the GPU forward's CTAs running 2, 4 or 8 row tiles each (kernels/NOTES.md)
-            **{f"tiles-{n}": {"pallas_gpu": {"FORWARD_TILES": n}} for n in (2, 4, 8)}}
+            # the GPU kernels' CTAs running 2, 4 or 8 tiles each (kernels/NOTES.md)
+            **{f"tiles-{n}": {"pallas_gpu": {"FORWARD_TILES": n, "BACKWARD_TILES": n}} for n in (2, 4, 8)},
+            "tiles-4-regs-240": {"pallas_gpu": {"FORWARD_TILES": 4, "BACKWARD_TILES": 4, "REGISTERS": (240, 24)}}}
 BWD_FACTOR = 3.5
 MAX_SCORES_BYTES = 16 * 2**30  # skip materialized-score baselines above this (they OOM or crawl)
 
@@ -118,7 +119,7 @@ def _bench_jax(name, pattern, seq, batch, heads, head_dim, dtype, repeats, warmu
 
 
 @contextlib.contextmanager
-def _variant(variant: str):
+def variant_switches(variant: str):
     """Set our kernels' switches for one variant (VARIANTS), restoring them afterwards."""
     saved = []
     try:
@@ -150,7 +151,7 @@ def run_one(name, pattern, seq, batch, heads, head_dim, dtype, repeats, warmup, 
             computed = pattern
             fwd_ms, fb_ms = bench_flex(pattern, seq, batch, heads, head_dim, str(jnp.dtype(dtype)), repeats, warmup)
         else:
-            with _variant(variant):
+            with variant_switches(variant):
                 computed, fwd_ms, fb_ms = _bench_jax(name, pattern, seq, batch, heads, head_dim, dtype,
                                                      repeats, warmup, interpret, block_k)
     except (NotAvailable, UnsupportedInput) as e:

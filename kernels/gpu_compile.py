@@ -17,6 +17,7 @@ import argparse
 import dataclasses
 import functools
 import importlib.util
+import itertools
 import json
 import math
 import os
@@ -182,13 +183,13 @@ def attention_report(pattern, seq: int, batch: int, heads: int, head_dim: int, d
     return compile_kernels(jax.grad(loss, argnums=(0, 1, 2)), shape, shape, shape)
 
 
-HEADER = (f"{'seq':>6} {'kernel':<14} {'CTAs':>6} {'thr':>4} {'smem KiB':>8} {'regs':>5} {'spill st/ld B':>13} "
+HEADER = (f"{'seq':>6} {'variant':<16} {'kernel':<14} {'CTAs':>6} {'thr':>4} {'smem KiB':>8} {'regs':>5} {'spill st/ld B':>13} "
           f"{'CTAs/SM':>7} {'waves':>6}")
 
 
 def format_row(r: dict) -> str:
     spills = f"{r['spill_stores']} / {r['spill_loads']}"
-    return (f"{r['seq']:>6} {r['name']:<14} {r['grid']:>6} {r['threads']:>4} {r['smem'] / 1024:8.1f} "
+    return (f"{r['seq']:>6} {r['variant']:<16} {r['name']:<14} {r['grid']:>6} {r['threads']:>4} {r['smem'] / 1024:8.1f} "
             f"{r['registers']:>5} {spills:>13} {r['ctas_per_sm']:>7} {r['waves']:6.1f}")
 
 
@@ -204,8 +205,8 @@ def main(argv=None):
     ap.add_argument("--heads", type=int, default=16)
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--block-k", type=int, default=None)
-    ap.add_argument("--forward-tiles", type=int, default=None, help="row tiles a forward CTA runs in turn "
-                    "(pallas_gpu.FORWARD_TILES; default: its value)")
+    ap.add_argument("--variants", default="default", help="comma-separated variants of the kernel, as in "
+                    "kernels.bench (e.g. default,tiles-4,tiles-4-regs-240)")
     ap.add_argument("--out", default="", help="write the rows as JSON here")
     args = ap.parse_args(argv)
     try:
@@ -214,25 +215,26 @@ def main(argv=None):
         pattern = patterns.from_name(args.pattern, window=args.window, stride=args.stride)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
-    if args.forward_tiles is not None:
-        if args.forward_tiles < 1:
-            raise SystemExit(f"error: --forward-tiles must be at least 1, got {args.forward_tiles}")
-        from kernels import pallas_gpu
+    from kernels.bench import VARIANTS, variant_switches
 
-        pallas_gpu.FORWARD_TILES = args.forward_tiles
+    variants = [v for v in args.variants.split(",") if v]
+    if not variants or set(variants) - set(VARIANTS):
+        raise SystemExit(f"error: unknown --variants {args.variants!r}; choose from {', '.join(VARIANTS)}")
     os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")  # before jax starts its backends
     print(HEADER + "\n" + "-" * len(HEADER), flush=True)
     rows = []
-    for seq in seqs:
+    for seq, variant in itertools.product(seqs, variants):
         if args.tokens % seq:
             raise SystemExit(f"error: --tokens {args.tokens} is not a multiple of --seq {seq}")
         try:
-            reports = attention_report(pattern, seq, args.tokens // seq, args.heads, args.head_dim,
-                                       block_k=args.block_k)
+            with variant_switches(variant):
+                reports = attention_report(pattern, seq, args.tokens // seq, args.heads, args.head_dim,
+                                           block_k=args.block_k)
         except ValueError as e:  # shapes the kernel refuses (kernels.errors.UnsupportedInput)
             raise SystemExit(f"error: {e}") from None
         for r in reports:
-            rows.append({"seq": seq, **dataclasses.asdict(r), "ctas_per_sm": r.ctas_per_sm, "waves": r.waves})
+            rows.append({"seq": seq, "variant": variant, **dataclasses.asdict(r), "ctas_per_sm": r.ctas_per_sm,
+                         "waves": r.waves})
             print(format_row(rows[-1]), flush=True)
     print("compiled for an H100 by ptxas, not run. regs: per thread at launch; CTAs/SM: the tightest of "
           "registers, shared memory and threads")

@@ -46,6 +46,11 @@ PINGPONG = True
 # while it computes this one (kernels/NOTES.md); the grid shrinks by as much. 1 is the launch the H100
 # run verified; the bench's tiles-N variants time the others (capped at a divisor of T / 128).
 FORWARD_TILES = 1
+# The same for the dq and dk/dv kernels (tiles of 128 query rows, and of 128 key rows).
+BACKWARD_TILES = 1
+# setmaxnreg budgets (compute warpgroup, memory warpgroup); (240, 24) leaves the memory warpgroup,
+# which mostly waits on barriers, the fewest registers allowed: dk/dv spill less (kernels/NOTES.md).
+REGISTERS = (232, 40)
 
 SUPPORTED_KINDS = ("dense", "local", "strided", "local_strided")
 COMPILED_DTYPES = (jnp.bfloat16, jnp.float16)
@@ -138,15 +143,15 @@ def pass_name(p: Pass, t: int) -> str:
     return "strided" if p.residue_major else ("causal" if p.mask.hi >= t else "band")
 
 
-def _config(p: Pass, t, block_q, block_k, interpret, dkv=False):
+def _config(p: Pass, t, block_q, block_k, interpret, kernel="fwd"):
+    """The PassConfig of `kernel` ("fwd", "dq" or "dkv") for pass p."""
     K = _kernels()
     residues = p.stride if in_place(p, t, (block_q, block_k)) else 0
-    name = pass_name(p, t)
-    if dkv:  # per-warpgroup key rows = 64 (wgmma M), streamed query blocks of block_k
-        return K.PassConfig(p.mask, t, block_q=block_k, block_k=block_q, interpret=interpret, residues=residues,
-                            name=name)
-    return K.PassConfig(p.mask, t, block_q=block_q, block_k=block_k, interpret=interpret, residues=residues,
-                        pingpong=PINGPONG, name=name, tiles=math.gcd(FORWARD_TILES, t // (2 * block_q)))
+    tiles = math.gcd(FORWARD_TILES if kernel == "fwd" else BACKWARD_TILES, t // (2 * block_q))
+    common = dict(interpret=interpret, residues=residues, name=pass_name(p, t), tiles=tiles, registers=REGISTERS)
+    if kernel == "dkv":  # per-warpgroup key rows = 64 (wgmma M), streamed query blocks of block_k
+        return K.PassConfig(p.mask, t, block_q=block_k, block_k=block_q, **common)
+    return K.PassConfig(p.mask, t, block_q=block_q, block_k=block_k, pingpong=PINGPONG, **common)
 
 
 # ------------------------------------------------------------------------------------------ passes
@@ -196,7 +201,7 @@ def _backward(q, k, v, o, lse, do, pattern, block_q, block_k, interpret):
         to, back = _seq_layout(p, t, blocks)
         lto, _ = _lse_layout(p)
         args = (to(q), to(k), to(v), to(do), lto(lse2), lto(delta))
-        cfg, cfg_dkv = _config(p, t, block_q, block_k, interpret), _config(p, t, block_q, block_k, interpret, dkv=True)
+        cfg, cfg_dkv = (_config(p, t, block_q, block_k, interpret, kernel) for kernel in ("dq", "dkv"))
         if chained:
             last = i == len(passes) - 1
             gq = _kernels().pass_dq(*args, cfg, partial=None if dq is None else to(dq),

@@ -66,12 +66,12 @@ def pass_forward(q, k, v, cfg: PassConfig, partial=None):
             plgpu.barrier_arrive(turn[0])
             plgpu.barrier_wait(turn[0])
 
-        def step(t, blk, slot, carry, masked):
+        def step(row0, blk, slot, carry, masked):  # row0: this warpgroup's first row of the tile
             acc, m, l = carry
             s = parts.mma(None, q_smem.at[wg], k_smem.at[slot].T, cfg.interpret,
                      after_issue=take_turn if pingpong else None) * scale2
             if masked:
-                s = jnp.where(parts.visible(cfg.mask, T, r0(t), blk * bk, s.shape), s, -jnp.inf)
+                s = jnp.where(parts.visible(cfg.mask, T, row0, blk * bk, s.shape), s, -jnp.inf)
             m_new = jnp.maximum(m, s.max(axis=1))
             m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)
             p = jnp.exp2(s - parts.per_row(m_use, s.shape))
@@ -83,7 +83,7 @@ def pass_forward(q, k, v, cfg: PassConfig, partial=None):
             return acc, m_new, l
 
         compute = parts.stream(wg, cfg, ranges_of, issue, step, ready, consumed,
-                               skipped=(lambda: (take_turn(), take_turn())) if pingpong else None)
+                               skipped=(lambda: (take_turn(), take_turn())) if pingpong else None, tile_ctx=r0)
 
         @pl.when(wg < W)
         def _compute():
@@ -105,12 +105,10 @@ def pass_forward(q, k, v, cfg: PassConfig, partial=None):
                 l0 = plgpu.layout_cast(jnp.zeros((bq,), jnp.float32), plgpu.Layout.WGMMA.reduce(1))
                 return acc0, m0, l0
 
-            def end(t, carry):
+            def epilogue(t, carry):
                 acc, m, l = carry
                 if pingpong:
                     pl.when(wg == 0)(take_turn)
-                more = t + 1 < cfg.tiles
-                pl.when(more)(lambda: load_q(t + 1))  # q's buffer is free: the next rows load during this epilogue
                 if part:
                     # o = (w1 o1 + acc 2^(m - m*)) / (w1 + l 2^(m - m*)), w1 = 2^(lse1 - m*), in log2 units
                     # with m* the larger of lse1 and this pass's log2 sum; rows empty in both give 0, -inf.
@@ -131,16 +129,8 @@ def pass_forward(q, k, v, cfg: PassConfig, partial=None):
                 plgpu.commit_smem()
                 parts.store_rows(o_smem.at[wg], o_ref, rows(t))
                 plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[b, h, pl.ds(r0(t), bq)])
-                if cfg.tiles > 1:
-                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the staging buffers are free again
-                if part:
-                    pl.when(more)(lambda: load_partial(t + 1))
 
-            load_q(0)
-            if part:
-                load_partial(0)
-            compute(begin, end)
-            plgpu.wait_smem_to_gmem(0)
+            parts.run_tiles(cfg, compute, begin, epilogue, load_q, load_partial if part else None)
 
     tr = parts.transforms(dtype)
     scratch = [plgpu.SMEM((W, bq, D), dtype, transforms=tr),
@@ -158,9 +148,14 @@ def pass_forward(q, k, v, cfg: PassConfig, partial=None):
     if cfg.pingpong and W == 2 and slots >= 2:
         scratch.append(plgpu.Barrier(num_arrivals=W))  # `turn`
     out_type = [jax.ShapeDtypeStruct(q.shape, dtype), jax.ShapeDtypeStruct((B, H, T), jnp.float32)]
-    if (T // (W * bq)) % cfg.tiles:
-        raise ValueError(f"{cfg.tiles} tiles a CTA do not divide the {T // (W * bq)} row tiles of a head")
-    return parts.launch(body, cfg, out_type, scratch, (H, T // (W * bq * cfg.tiles), B), "fwd")(*inputs)
+    return parts.launch(body, cfg, out_type, scratch, grid(cfg, H, T, W * bq, B), "fwd")(*inputs)
+
+
+def grid(cfg: PassConfig, heads, seq, tile_rows, batch):
+    """(heads, CTAs a head, batch): each CTA runs cfg.tiles tiles of tile_rows rows."""
+    if (seq // tile_rows) % cfg.tiles:
+        raise ValueError(f"{cfg.tiles} tiles a CTA do not divide the {seq // tile_rows} tiles of a head")
+    return heads, seq // (tile_rows * cfg.tiles), batch
 
 
 # -------------------------------------------------------------------------------------------- backward
@@ -177,38 +172,48 @@ def pass_dq(q, k, v, do, lse2, delta, cfg: PassConfig, partial=None, out_dtype=j
 
     inputs = (q, k, v, do, lse2, delta) + (() if partial is None else (partial,))
 
+    # With several tiles a CTA, the next tile's q and dO load during this tile's epilogue, so a 16-bit
+    # dq is staged in a buffer of its own rather than in q's.
+    low_apart = cfg.tiles > 1 and jnp.dtype(out_dtype) != jnp.float32
+
     def body(*refs):
-        (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *part, dq_ref, q_smem, do_smem, lse_smem,
-         delta_smem, k_smem, v_smem, out_smem, res_bar, part_bar, ready, consumed) = refs
-        b, h, tile, wg = parts.program()
+        q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *part = refs[:len(inputs)]
+        (dq_ref, q_smem, do_smem, lse_smem, delta_smem, k_smem, v_smem, out_smem, *low, res_bar, part_bar,
+         ready, consumed) = refs[len(inputs):]
+        low_smem = low[0] if low_apart else q_smem
+        b, h, cta, wg = parts.program()
         kvh = lax.div(h, group)
-        r0 = tile * (W * bq) + wg * bq
-        ranges = parts.cta_ranges(row_tile_range, tile * (W * bq), cfg, bq, bk, wg)
+        tile0 = lambda t: (cta * cfg.tiles + t) * (W * bq)  # noqa: E731  first row of the CTA's t-th tile
+        r0 = lambda t: tile0(t) + wg * bq  # noqa: E731
+        ranges_of = lambda t: parts.cta_ranges(row_tile_range, tile0(t), cfg, bq, bk, wg)  # noqa: E731
 
         issue = parts.kv_issue(cfg, k_ref, v_ref, k_smem, v_smem, ready, b, kvh, Hk)
 
-        def step(t, blk, slot, carry, masked):
+        def step(row0, blk, slot, carry, masked):
             dq, lse, delta = carry
             s = parts.mma(None, q_smem.at[wg], k_smem.at[slot].T, cfg.interpret)
             p = jnp.exp2(s * (scale * parts.LOG2E) - parts.per_row(lse, s.shape))
             if masked:
-                p = jnp.where(parts.visible(cfg.mask, T, r0, blk * bk, s.shape), p, 0.0)
+                p = jnp.where(parts.visible(cfg.mask, T, row0, blk * bk, s.shape), p, 0.0)
             dp = parts.mma(None, do_smem.at[wg], v_smem.at[slot].T, cfg.interpret)
             ds = p * (dp - parts.per_row(delta, dp.shape))
             dq = parts.mma(dq, ds.astype(dtype), k_smem.at[slot], cfg.interpret)
             return dq, lse, delta
 
-        compute = parts.stream(wg, cfg, lambda t: ranges, issue, step, ready, consumed)
+        compute = parts.stream(wg, cfg, ranges_of, issue, step, ready, consumed, tile_ctx=r0)
 
         @pl.when(wg < W)
         def _compute():
-            rows = parts.row_pieces(cfg, b, r0, bq, h, H)
-            parts.load_rows(q_ref, q_smem.at[wg], res_bar.at[wg], rows)
-            parts.load_rows(do_ref, do_smem.at[wg], res_bar.at[wg], rows)
-            plgpu.copy_gmem_to_smem(lse_ref.at[b, h, pl.ds(r0, bq)], lse_smem.at[wg], res_bar.at[wg])
-            plgpu.copy_gmem_to_smem(delta_ref.at[b, h, pl.ds(r0, bq)], delta_smem.at[wg], res_bar.at[wg])
-            if part:  # lands in the staging buffer while the key blocks stream
-                parts.load_rows(part[0], out_smem.at[wg], part_bar.at[wg], rows)
+            rows = lambda t: parts.row_pieces(cfg, b, r0(t), bq, h, H)  # noqa: E731
+
+            def load_resident(t):
+                parts.load_rows(q_ref, q_smem.at[wg], res_bar.at[wg], rows(t))
+                parts.load_rows(do_ref, do_smem.at[wg], res_bar.at[wg], rows(t))
+                plgpu.copy_gmem_to_smem(lse_ref.at[b, h, pl.ds(r0(t), bq)], lse_smem.at[wg], res_bar.at[wg])
+                plgpu.copy_gmem_to_smem(delta_ref.at[b, h, pl.ds(r0(t), bq)], delta_smem.at[wg], res_bar.at[wg])
+
+            def load_partial(t):  # lands in the staging buffer while the key blocks stream
+                parts.load_rows(part[0], out_smem.at[wg], part_bar.at[wg], rows(t))
 
             def begin(t):
                 plgpu.barrier_wait(res_bar.at[wg])
@@ -216,24 +221,24 @@ def pass_dq(q, k, v, do, lse2, delta, cfg: PassConfig, partial=None, out_dtype=j
                 delta = plgpu.load(delta_smem.at[wg], layout=plgpu.Layout.WGMMA.reduce(1))
                 return plgpu.layout_cast(jnp.zeros((bq, D), jnp.float32), plgpu.Layout.WGMMA), lse, delta
 
-            def end(t, carry):
+            def epilogue(t, carry):
                 bar = part_bar.at[wg] if part else None
-                parts.write_rows(carry[0] * scale, rows, dq_ref, out_smem.at[wg], q_smem.at[wg], bar)
-                plgpu.wait_smem_to_gmem(0)
+                parts.write_rows(carry[0] * scale, rows(t), dq_ref, out_smem.at[wg], low_smem.at[wg], bar)
 
-            compute(begin, end)
+            parts.run_tiles(cfg, compute, begin, epilogue, load_resident, load_partial if part else None)
 
     tr = parts.transforms(dtype)
     scratch = [plgpu.SMEM((W, bq, D), dtype, transforms=tr), plgpu.SMEM((W, bq, D), dtype, transforms=tr),
                plgpu.SMEM((W, bq), jnp.float32), plgpu.SMEM((W, bq), jnp.float32),
                plgpu.SMEM((slots, bk, D), dtype, transforms=tr), plgpu.SMEM((slots, bk, D), dtype, transforms=tr),
                plgpu.SMEM((W, bq, D), jnp.float32),
+               *([plgpu.SMEM((W, bq, D), out_dtype, transforms=tr)] if low_apart else []),
                plgpu.Barrier(num_arrivals=2 * cfg.pieces(bq) + 2, num_barriers=W),
                plgpu.Barrier(num_arrivals=cfg.pieces(bq), num_barriers=W),
                plgpu.Barrier(num_arrivals=2 * cfg.pieces(bk), num_barriers=slots),
                plgpu.Barrier(num_arrivals=W, num_barriers=slots)]
     out_type = jax.ShapeDtypeStruct(q.shape, out_dtype)
-    return parts.launch(body, cfg, out_type, scratch, (H, T // (W * bq), B), "dq")(*inputs)
+    return parts.launch(body, cfg, out_type, scratch, grid(cfg, H, T, W * bq, B), "dq")(*inputs)
 
 
 def pass_dkv(q, k, v, do, lse2, delta, cfg: PassConfig, partials=None, out_dtype=jnp.float32):
@@ -247,13 +252,20 @@ def pass_dkv(q, k, v, do, lse2, delta, cfg: PassConfig, partials=None, out_dtype
 
     inputs = (q, k, v, do, lse2, delta) + tuple(partials or ())
 
+    # With several tiles a CTA, the next tile's k and v load during this tile's epilogue, so 16-bit
+    # dk and dv are staged in a buffer of their own rather than in k's and v's.
+    low_apart = cfg.tiles > 1 and jnp.dtype(out_dtype) != jnp.float32
+
     def body(*refs):
-        (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *part, dk_ref, dv_ref, k_smem, v_smem, q_smem,
-         do_smem, lse_smem, delta_smem, out_smem, res_bar, part_bar, ready, consumed) = refs
-        b, h, tile, wg = parts.program()
+        q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *part = refs[:len(inputs)]
+        (dk_ref, dv_ref, k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, out_smem, *low, res_bar,
+         part_bar, ready, consumed) = refs[len(inputs):]
+        low_k, low_v = (low[0], low[0]) if low_apart else (k_smem, v_smem)
+        b, h, cta, wg = parts.program()
         kvh = lax.div(h, group)
-        c0 = tile * (W * bk) + wg * bk
-        ranges = parts.cta_ranges(col_tile_range, tile * (W * bk), cfg, bk, bq, wg)
+        tile0 = lambda t: (cta * cfg.tiles + t) * (W * bk)  # noqa: E731  first key row of the CTA's t-th tile
+        c0 = lambda t: tile0(t) + wg * bk  # noqa: E731
+        ranges_of = lambda t: parts.cta_ranges(col_tile_range, tile0(t), cfg, bk, bq, wg)  # noqa: E731
 
         def issue(t, blk, slot):
             src = parts.row_pieces(cfg, b, blk * bq, bq, h, H)
@@ -262,13 +274,13 @@ def pass_dkv(q, k, v, do, lse2, delta, cfg: PassConfig, partials=None, out_dtype
             plgpu.copy_gmem_to_smem(lse_ref.at[b, h, pl.ds(blk * bq, bq)], lse_smem.at[slot], ready.at[slot])
             plgpu.copy_gmem_to_smem(delta_ref.at[b, h, pl.ds(blk * bq, bq)], delta_smem.at[slot], ready.at[slot])
 
-        def step(t, blk, slot, carry, masked):
+        def step(col0, blk, slot, carry, masked):  # col0: this warpgroup's first key row of the tile
             dk, dv = carry
             st = parts.mma(None, k_smem.at[wg], q_smem.at[slot].T, cfg.interpret)  # [bk, bq]
             lse = plgpu.load(lse_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
             pt = jnp.exp2(st * (scale * parts.LOG2E) - parts.per_col(lse, st.shape))
             if masked:  # visible(i = query, j = key) on the transposed tile
-                pt = jnp.where(parts.visible(cfg.mask, T, blk * bq, c0, st.shape, transposed=True), pt, 0.0)
+                pt = jnp.where(parts.visible(cfg.mask, T, blk * bq, col0, st.shape, transposed=True), pt, 0.0)
             dv = parts.mma(dv, pt.astype(dtype), do_smem.at[slot], cfg.interpret)
             dpt = parts.mma(None, v_smem.at[wg], do_smem.at[slot].T, cfg.interpret)
             delta = plgpu.load(delta_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
@@ -276,42 +288,45 @@ def pass_dkv(q, k, v, do, lse2, delta, cfg: PassConfig, partials=None, out_dtype
             dk = parts.mma(dk, dst.astype(dtype), q_smem.at[slot], cfg.interpret)
             return dk, dv
 
-        compute = parts.stream(wg, cfg, lambda t: ranges, issue, step, ready, consumed)
+        compute = parts.stream(wg, cfg, ranges_of, issue, step, ready, consumed, tile_ctx=c0)
 
         @pl.when(wg < W)
         def _compute():
-            rows = parts.row_pieces(cfg, b, c0, bk, kvh, Hk)
-            parts.load_rows(k_ref, k_smem.at[wg], res_bar.at[wg], rows)
-            parts.load_rows(v_ref, v_smem.at[wg], res_bar.at[wg], rows)
-            out = parts.row_pieces(cfg, b, c0, bk, h, H)
-            if part:  # dk's partial lands in the staging buffer while the query blocks stream
-                parts.load_rows(part[0], out_smem.at[wg], part_bar.at[wg], out)
+            rows = lambda t: parts.row_pieces(cfg, b, c0(t), bk, kvh, Hk)  # noqa: E731  k, v rows
+            out = lambda t: parts.row_pieces(cfg, b, c0(t), bk, h, H)  # noqa: E731  dk, dv rows (per query head)
+
+            def load_resident(t):
+                parts.load_rows(k_ref, k_smem.at[wg], res_bar.at[wg], rows(t))
+                parts.load_rows(v_ref, v_smem.at[wg], res_bar.at[wg], rows(t))
+
+            def load_partial(t):  # dk's partial lands in the staging buffer while the query blocks stream
+                parts.load_rows(part[0], out_smem.at[wg], part_bar.at[wg], out(t))
 
             def begin(t):
                 plgpu.barrier_wait(res_bar.at[wg])
                 zero = plgpu.layout_cast(jnp.zeros((bk, D), jnp.float32), plgpu.Layout.WGMMA)
                 return zero, zero
 
-            def end(t, carry):
+            def epilogue(t, carry):
                 dk, dv = carry
                 bar = part_bar.at[wg] if part else None
-                parts.write_rows(dk * scale, out, dk_ref, out_smem.at[wg], k_smem.at[wg], bar)
-                plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the staging buffer is free again
+                parts.write_rows(dk * scale, out(t), dk_ref, out_smem.at[wg], low_k.at[wg], bar)
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the staging buffers are free again
                 if part:
-                    parts.load_rows(part[1], out_smem.at[wg], part_bar.at[wg], out)
-                parts.write_rows(dv, out, dv_ref, out_smem.at[wg], v_smem.at[wg], bar)
-                plgpu.wait_smem_to_gmem(0)
+                    parts.load_rows(part[1], out_smem.at[wg], part_bar.at[wg], out(t))
+                parts.write_rows(dv, out(t), dv_ref, out_smem.at[wg], low_v.at[wg], bar)
 
-            compute(begin, end)
+            parts.run_tiles(cfg, compute, begin, epilogue, load_resident, load_partial if part else None)
 
     tr = parts.transforms(dtype)
     scratch = [plgpu.SMEM((W, bk, D), dtype, transforms=tr), plgpu.SMEM((W, bk, D), dtype, transforms=tr),
                plgpu.SMEM((slots, bq, D), dtype, transforms=tr), plgpu.SMEM((slots, bq, D), dtype, transforms=tr),
                plgpu.SMEM((slots, bq), jnp.float32), plgpu.SMEM((slots, bq), jnp.float32),
                plgpu.SMEM((W, bk, D), jnp.float32),
+               *([plgpu.SMEM((W, bk, D), out_dtype, transforms=tr)] if low_apart else []),
                plgpu.Barrier(num_arrivals=2 * cfg.pieces(bk), num_barriers=W),
                plgpu.Barrier(num_arrivals=cfg.pieces(bk), num_barriers=W),
                plgpu.Barrier(num_arrivals=2 * cfg.pieces(bq) + 2, num_barriers=slots),
                plgpu.Barrier(num_arrivals=W, num_barriers=slots)]
     out_type = [jax.ShapeDtypeStruct(q.shape, out_dtype)] * 2
-    return parts.launch(body, cfg, out_type, scratch, (H, T // (W * bk), B), "dkv")(*inputs)
+    return parts.launch(body, cfg, out_type, scratch, grid(cfg, H, T, W * bk, B), "dkv")(*inputs)

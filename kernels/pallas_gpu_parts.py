@@ -58,6 +58,9 @@ class PassConfig:
     # Forward only: consecutive row tiles a CTA runs one after another (grid / tiles CTAs), its ring
     # streaming on across them, so the next tile's blocks load while this one computes.
     tiles: int = 1
+    # Registers a thread of a compute warpgroup / of the memory warpgroup (setmaxnreg). Two compute
+    # warpgroups: 2 * 232 + 40 = 504 a thread-slot, the most 384 threads can share of the SM's 64K.
+    registers: tuple = (232, 40)
 
     def dims(self, x):
         """(batch, seq, heads, head_dim) of a [B, T, H, D] operand, however it arrived."""
@@ -132,13 +135,15 @@ def per_col(x, shape):
     return lax.broadcast_in_dim(x, shape, [1])
 
 
-def stream(wg, cfg: PassConfig, ranges_of, issue, step, ready, consumed, skipped=None):
+def stream(wg, cfg: PassConfig, ranges_of, issue, step, ready, consumed, skipped=None, tile_ctx=lambda t: t):
     """Run the memory warpgroup and return compute(begin, end) for the compute warpgroups, over the
     CTA's `cfg.tiles` tiles t = 0, 1, ... (a loop, t traced; with one tile, t is the int 0).
 
     ranges_of(t): the calling warpgroup's own (lo, hi, full_lo, full_hi) and the CTA union
     (cta_lo, cta_hi) of tile t. issue(t, blk, slot) starts the TMA copies of tile t's block blk into
-    ring slot `slot`; step(t, blk, slot, carry, masked) works on it. The ring runs on across tiles
+    ring slot `slot`; step(tile_ctx(t), blk, slot, carry, masked) works on it (tile_ctx: what the step
+    needs of the tile, e.g. its first row, computed once a tile: fewer live registers in the loop than
+    t itself, the CTA index and the warpgroup's). The ring runs on across tiles
     (block g of the CTA's stream takes slot g % slots), so the memory warpgroup loads the next tile's
     first blocks while the compute warpgroups finish this one. skipped(): runs for each block of the
     union that the warpgroup skips (to keep in step with the others). compute(begin, end): begin(t)
@@ -152,7 +157,7 @@ def stream(wg, cfg: PassConfig, ranges_of, issue, step, ready, consumed, skipped
 
     @pl.when(wg == cfg.compute_wgs)
     def _memory():
-        plgpu.set_max_registers(40, action="decrease")
+        plgpu.set_max_registers(cfg.registers[1], action="decrease")
 
         def issue_tile(t, g0):  # g0: stream index of the tile's first block
             _, (cta_lo, cta_hi) = ranges_of(t)
@@ -173,11 +178,11 @@ def stream(wg, cfg: PassConfig, ranges_of, issue, step, ready, consumed, skipped
         def _drain(g):
             plgpu.barrier_wait(consumed.at[lax.rem(g, slots)])
 
-    def visit(t, g0, cta_lo, mode, blk, carry):
-        slot = lax.rem(g0 + blk - cta_lo, slots)
+    def visit(ctx, base, mode, blk, carry):  # base: stream index of block 0 (g = base + blk)
+        slot = lax.rem(base + blk, slots)
         plgpu.barrier_wait(ready.at[slot])
         if mode != "skip":
-            carry = step(t, blk, slot, carry, mode == "masked")
+            carry = step(ctx, blk, slot, carry, mode == "masked")
             if cfg.interpret:
                 # The interpreter orders generic-proxy reads before the next TMA (async proxy) write
                 # into the slot only through a proxy fence; on the GPU the mbarrier release suffices
@@ -189,20 +194,46 @@ def stream(wg, cfg: PassConfig, ranges_of, issue, step, ready, consumed, skipped
         return carry
 
     def compute(begin, end):
-        plgpu.set_max_registers(232 if cfg.compute_wgs == 2 else 240, action="increase")
+        plgpu.set_max_registers(cfg.registers[0], action="increase")
 
         def run_tile(t, g0):
             (lo, hi, f_lo, f_hi), (cta_lo, cta_hi) = ranges_of(t)
             carry = begin(t)
+            visit_tile = functools.partial(visit, tile_ctx(t), g0 - cta_lo)
             for mode, a, b in (("skip", cta_lo, lo), ("masked", lo, f_lo), ("full", f_lo, f_hi),
                                ("masked", f_hi, hi), ("skip", hi, cta_hi)):
-                carry = lax.fori_loop(a, b, functools.partial(visit, t, g0, cta_lo, mode), carry)
+                carry = lax.fori_loop(a, b, functools.partial(visit_tile, mode), carry)
             end(t, carry)
             return g0 + (cta_hi - cta_lo)
 
         tile_loop(run_tile)
 
     return compute
+
+
+def run_tiles(cfg: PassConfig, compute, begin, epilogue, load_resident, load_partial=None):
+    """A compute warpgroup's whole job over the CTA's tiles, given `compute` from `stream`.
+
+    load_resident(t) starts the copies of tile t's resident operands (what every block of the tile
+    is multiplied with); begin(t) waits for them and returns the initial carry; epilogue(t, carry)
+    writes the tile's outputs through the staging buffers; load_partial(t), if given, copies an
+    earlier pass's result for tile t into a staging buffer (the epilogue adds it). Between tiles:
+    the next tile's resident operands load as soon as this tile's blocks are done (during the
+    epilogue), and its partial once the TMA stores have read the staging buffers."""
+    def end(t, carry):
+        more = t + 1 < cfg.tiles  # a Python bool for one tile, a traced one otherwise
+        pl.when(more)(lambda: load_resident(t + 1))
+        epilogue(t, carry)
+        if cfg.tiles > 1:
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the staging buffers are free again
+        if load_partial is not None:
+            pl.when(more)(lambda: load_partial(t + 1))
+
+    load_resident(0)
+    if load_partial is not None:
+        load_partial(0)
+    compute(begin, end)
+    plgpu.wait_smem_to_gmem(0)
 
 
 def cta_ranges(range_fn, tile0, cfg: PassConfig, rows, blk, wg):

@@ -150,7 +150,7 @@ def main(argv=None):
     p.add_argument("--variants", default="default", help="comma-separated kernels.bench variants")
     args = p.parse_args(argv)
     from kernels import patterns
-    from kernels.bench import VARIANTS, _variant
+    from kernels.bench import VARIANTS, variant_switches
 
     chips = args.chip.split(",")
     if set(chips) - set(CHIPS):
@@ -176,7 +176,7 @@ def main(argv=None):
         for variant in variants:
             for d in dims:
                 for seq in seqs:
-                    with _variant(variant):
+                    with variant_switches(variant):
                         r = attention_report(chip, pattern, seq, max(1, args.tokens // seq), args.heads, d)
                     r["variant"] = variant
                     rows.append(r)

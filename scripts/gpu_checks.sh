@@ -59,9 +59,10 @@ python3 -m kernels.bench --pattern local_strided --window 256 --stride 256 --seq
 fi
 
 if want tiles; then
-step "forward CTAs running 1, 2, 4, 8 row tiles (kernels/NOTES.md: persistent tiles)"
+step "CTAs running 1, 2, 4, 8 tiles (kernels/NOTES.md: several tiles a CTA)"
 python3 -m kernels.bench --pattern local_strided --window 256 --stride 256 --seq 2048,8192,32768 \
-    --tokens 32768 --heads 16 --head-dim 128 --impls ours --variants default,tiles-2,tiles-4,tiles-8 \
+    --tokens 32768 --heads 16 --head-dim 128 --impls ours \
+    --variants default,tiles-2,tiles-4,tiles-8,tiles-4-regs-240 \
     --out "$OUT/attn_tiles" 2>&1 | tee "$OUT/attn_tiles.txt"
 fi
 

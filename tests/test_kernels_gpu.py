@@ -121,15 +121,22 @@ def test_in_place_strided_pass_equals_the_transposed_one_on_gpu(monkeypatch):
 
 @pytest.mark.skipif(not _hopper(), reason="Mosaic GPU wgmma/TMA needs compute capability >= 9")
 @pytest.mark.parametrize("seq,batch", [(2048, 2), (32768, 1)])
-def test_forward_ctas_running_several_tiles_equal_one_tile_on_gpu(monkeypatch, seq, batch):
-    """pallas_gpu.FORWARD_TILES > 1 (a CTA runs row tiles in turn, its ring streaming on) computes
-    each row exactly as one tile a CTA does: packed residues at 2K, one residue a tile at 32K."""
+def test_ctas_running_several_tiles_equal_one_tile_on_gpu(monkeypatch, seq, batch):
+    """pallas_gpu.FORWARD_TILES / BACKWARD_TILES > 1 (a CTA runs tiles in turn, its ring streaming on)
+    computes o, dq, dk, dv exactly as one tile a CTA does: packed residues at 2K, one residue a tile at 32K."""
     from kernels import pallas_gpu
 
-    q, k, v, _ = _inputs(seq + 7, batch, seq, 16, 128)
-    f = jax.jit(lambda q, k, v: sparse_attention_gpu(q, k, v, PATTERN))
-    one = np.asarray(f(q, k, v), np.float32)
+    q, k, v, do = _inputs(seq + 7, batch, seq, 16, 128)
+
+    def run():
+        def step(q, k, v, do):  # a new function each run: traced anew with the switches' values
+            out, vjp = jax.vjp(lambda q, k, v: sparse_attention_gpu(q, k, v, PATTERN), q, k, v)
+            return out, *vjp(do)
+        return [np.asarray(x, np.float32) for x in jax.jit(step)(q, k, v, do)]
+
+    one = run()
     for tiles in (2, 4, 8):
         monkeypatch.setattr(pallas_gpu, "FORWARD_TILES", tiles)
-        f = jax.jit(lambda q, k, v: sparse_attention_gpu(q, k, v, PATTERN))  # traced anew with the switch
-        np.testing.assert_array_equal(np.asarray(f(q, k, v), np.float32), one, err_msg=f"tiles={tiles}")
+        monkeypatch.setattr(pallas_gpu, "BACKWARD_TILES", tiles)
+        for name, a, b in zip(("out", "dq", "dk", "dv"), run(), one):
+            np.testing.assert_array_equal(a, b, err_msg=f"{name}, tiles={tiles}")

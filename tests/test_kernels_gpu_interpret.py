@@ -180,31 +180,41 @@ def test_in_place_strided_pass_is_race_free_and_equals_the_transposed_one():
 
 
 @pytest.mark.parametrize("pattern, t, tiles", [
-    (patterns.dense(), 512, 4),  # tiles of 1 to 4 key blocks: the ring runs on across them
-    (patterns.local_strided(16, 16), 512, 2),  # band pass, then the in-place strided pass merging its partial
+    (patterns.dense(), 512, 4),  # tiles of 1 to 4 key (query) blocks: the ring runs on across them
+    (patterns.local_strided(16, 16), 512, 2),  # band pass, then the in-place strided pass taking its partials
 ], ids=["dense", "local_strided"])
-def test_forward_ctas_running_several_tiles_give_the_one_tile_result(monkeypatch, pattern, t, tiles):
-    """pallas_gpu.FORWARD_TILES: each CTA runs `tiles` row tiles in turn; the result is bit for bit
-    that of one tile a CTA (the same arithmetic a row), and matches the reference."""
+def test_ctas_running_several_tiles_give_the_one_tile_result(monkeypatch, pattern, t, tiles):
+    """pallas_gpu.FORWARD_TILES / BACKWARD_TILES: each CTA runs `tiles` tiles in turn; o, dq, dk and dv
+    are bit for bit those of one tile a CTA (the same arithmetic a row), and match the reference."""
     from kernels import pallas_gpu
 
-    q, k, v, _ = _inputs(zlib.crc32(f"{pattern}{t}".encode()), t, 2, 2, 64, jnp.bfloat16)
-    one = sparse_attention_gpu(q, k, v, pattern, block_k=64, interpret=INTERPRET)
+    q, k, v, do = _inputs(zlib.crc32(f"{pattern}{t}".encode()), t, 2, 2, 64, jnp.bfloat16)
+
+    def run():
+        out, vjp = jax.vjp(lambda q, k, v: sparse_attention_gpu(q, k, v, pattern, block_k=64, interpret=INTERPRET),
+                           q, k, v)
+        return [out, *vjp(do)]
+
+    one = run()
     monkeypatch.setattr(pallas_gpu, "FORWARD_TILES", tiles)
-    several = sparse_attention_gpu(q, k, v, pattern, block_k=64, interpret=INTERPRET)
-    np.testing.assert_array_equal(np.asarray(several, np.float32), np.asarray(one, np.float32))
-    assert _rel(several, reference_attention(q, k, v, pattern)) < 1e-2
+    monkeypatch.setattr(pallas_gpu, "BACKWARD_TILES", tiles)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), run(), one):
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32), err_msg=name)
+    assert _rel(one[0], reference_attention(q, k, v, pattern)) < 1e-2
 
 
-def test_forward_running_two_tiles_a_cta_is_race_free():
-    """One CTA running two row tiles, race detector on: the ring handing the next tile's blocks over
-    (one slot; two slots with ping-pong), q's buffer reloaded during the epilogue, o staged apart, and
-    in the strided pass the next tile's partial loaded once the store has read the staging buffer."""
+def test_kernels_running_two_tiles_a_cta_are_race_free():
+    """One CTA running two tiles, race detector on, for the three kernels: the ring handing the next
+    tile's blocks over (one slot; two with ping-pong), the resident buffers reloaded during the
+    epilogue, 16-bit outputs staged apart, and in the strided pass the next tile's partial loaded
+    once the store has read the staging buffer; each equal to one tile a CTA."""
     from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks
+
+    from kernels.schedule import passes_for
 
     params = plgpu.InterpretGPUParams(detect_races=True)
     t = 256
-    q, k, v, _ = _inputs(21, t, 1, 1, 64, jnp.bfloat16)
+    q, k, v, do = _inputs(21, t, 1, 1, 64, jnp.bfloat16)
     ref, ref_lse = reference_attention(q, k, v, patterns.dense(), return_lse=True)
     for slots in (1, 2):  # ping-pong needs two
         cfg = PassConfig(DiagonalMask(t), t, block_q=64, block_k=64, slots=slots, interpret=params, tiles=2)
@@ -212,20 +222,33 @@ def test_forward_running_two_tiles_a_cta_is_race_free():
         assert not gpu_callbacks._races.races_found, slots
         assert _rel(o, ref) < 1e-2 and _rel(lse, ref_lse) < 1e-5, slots
 
-    from kernels.schedule import passes_for
-
     s = 16
     strided = passes_for(patterns.local_strided(s, s), t)[1]
     flat = lambda x: x.reshape(1, t // s, s, 64)  # noqa: E731  in place: [B, T/S, S*H, D]
     o1 = jax.random.normal(jax.random.key(22), q.shape, jnp.float32).astype(jnp.bfloat16)
     lse1 = jax.random.normal(jax.random.key(23), (1, 1, t))
-    runs = {}
-    for tiles in (1, 2):
-        cfg = PassConfig(strided.mask, t, block_q=64, block_k=64, slots=2, interpret=params, residues=s, tiles=tiles)
-        runs[tiles] = jax.block_until_ready(pass_forward(flat(q), flat(k), flat(v), cfg, partial=(flat(o1), lse1)))
-        assert not gpu_callbacks._races.races_found, ("strided + partial", tiles)
-    for a, b in zip(runs[1], runs[2]):
-        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+    lse2 = jax.random.normal(jax.random.key(24), (1, 1, t)) + 8.0  # any finite row statistics will do
+    delta = jax.random.normal(jax.random.key(25), (1, 1, t))
+    part = [flat(jax.random.normal(jax.random.key(26 + i), q.shape, jnp.float32)) for i in range(3)]
+    args = (flat(q), flat(k), flat(v))
+    runs = {
+        "forward + partial": lambda c: pass_forward(*args, c, partial=(flat(o1), lse1)),
+        "dq + partial, bf16 out": lambda c: pass_dq(*args, flat(do), lse2, delta, c, partial=part[0],
+                                                    out_dtype=jnp.bfloat16),
+        "dq + partial, f32 out": lambda c: pass_dq(*args, flat(do), lse2, delta, c, partial=part[0]),
+        "dkv + partials, bf16 out": lambda c: pass_dkv(*args, flat(do), lse2, delta, c, partials=part[1:],
+                                                       out_dtype=jnp.bfloat16),
+        "dkv, f32 out": lambda c: pass_dkv(*args, flat(do), lse2, delta, c),
+    }
+    for name, run in runs.items():
+        got = {}
+        for tiles in (1, 2):
+            cfg = PassConfig(strided.mask, t, block_q=64, block_k=64, slots=2, interpret=params, residues=s,
+                             tiles=tiles)
+            got[tiles] = jax.block_until_ready(run(cfg))
+            assert not gpu_callbacks._races.races_found, (name, tiles)
+        for a, b in zip(jax.tree.leaves(got[1]), jax.tree.leaves(got[2])):
+            np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32), err_msg=name)
 
 
 def test_unsupported_inputs_raise():

@@ -10,7 +10,7 @@ be one). Run: `python -m pytest -m tpu_aot tests/test_kernels_tpu_aot.py`.
 import pytest
 
 from kernels import patterns
-from kernels.bench import _variant
+from kernels.bench import variant_switches
 from kernels.tpu_compile import CHIPS, attention_report
 
 pytestmark = pytest.mark.tpu_aot
@@ -50,7 +50,7 @@ def test_other_patterns_and_layouts_compile(pattern, seq, heads, kv_heads, head_
     q = jax.ShapeDtypeStruct((TOKENS // seq, seq, heads, head_dim), jnp.bfloat16)
     kv = jax.ShapeDtypeStruct((TOKENS // seq, seq, kv_heads, head_dim), jnp.bfloat16)
     loss = lambda q, k, v: jnp.sum(sparse_attention_tpu(q, k, v, pattern, interpret=False).astype(jnp.float32))
-    with _variant(variant):
+    with variant_switches(variant):
         compiled = compile_for("v5e", jax.grad(loss, argnums=(0, 1, 2)), q, kv, kv)
     passes = 2 if pattern.kind in ("local_strided", "fixed") else 1
     assert kernel_count(compiled.as_text()) == 3 * passes
