@@ -24,14 +24,16 @@ Assumptions of the memory estimate (per device, training):
 
 `--compile_for v5e` (or v6e) replaces the estimate's guesswork with XLA's own figure for a TPU slice
 of the mesh's size: libtpu (`pip install -e '.[tpu]'`, no TPU needed) compiles the sharded train step,
-Pallas attention kernels included, and its memory analysis says what one chip holds. Compiling
-GPT-3 Small takes minutes on a 2-core machine.
+Pallas attention kernels included, and its memory analysis says what one chip holds. `--compile_for
+h100` does the same for H100s (hosts of 8) with jax's CUDA plugin (`pip install -e '.[gpu_compile]'`,
+no GPU needed). Compiling GPT-3 Small takes minutes on a 2-core machine.
 """
 
 from __future__ import annotations
 
 import collections
 import math
+import os
 
 import flax.linen as nn
 import jax
@@ -154,33 +156,46 @@ def plan(config, mesh: dict[str, int], device_memory_gib: float) -> str:
     return "\n".join(lines)
 
 
+GPU_CHIPS = ("h100",)
+
+
+def _compile_target(chip: str, count: int):
+    """(devices, platform, HBM GiB, kernel_count) to compile for `count` chips of `chip`, no such
+    chip needed: libtpu for a TPU slice, jax's CUDA plugin for H100s."""
+    from kernels import gpu_compile, tpu_compile
+
+    try:
+        if chip in GPU_CHIPS:
+            gpu_compile.require_cuda_plugin("compiling for an H100")
+            return gpu_compile.devices(count), "gpu", gpu_compile.HBM_GIB[chip], gpu_compile.kernel_count
+        tpu_compile.require_libtpu("compiling for a TPU")
+        return tpu_compile.devices(chip, count), "tpu", tpu_compile.HBM_GIB[chip], tpu_compile.kernel_count
+    except ValueError as e:
+        raise UserError(f"--compile_for {chip}: {e}") from None
+
+
 def compiled_report(config, mesh: dict[str, int], chip: str) -> str:
-    """Compile the train step for a `chip` TPU slice with this mesh (libtpu, no TPU) and report XLA's
-    memory per chip and the attention kernels it launches."""
-    from kernels import tpu_compile
+    """Compile the train step for `chip` devices (a TPU slice, or H100s) with this mesh, none needed,
+    and report XLA's memory per device and the Pallas attention kernels it launches."""
     from kernels.platform import targeting
     from gpt_jax.optim import make_optimizer
     from gpt_jax.sharding import batch_sharding, check_batch
     from gpt_jax.train_step import Trainer
 
     count = math.prod(mesh.values())
-    try:
-        tpu_compile.require_libtpu("compiling for a TPU")
-        devices = tpu_compile.devices(chip, count)
-    except ValueError as e:
-        raise UserError(f"--compile_for {chip}: {e}") from None
+    devices, platform, hbm_gib, kernel_count = _compile_target(chip, count)
     shape = tuple(mesh[a] for a in MESH_AXES)
     device_mesh = jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3, devices=devices)
     train = config.train
     check_batch(train.batch_size, train.grad_accum, device_mesh)  # as gpt_jax.train would
-    with targeting("tpu"):  # bf16 compute and the compiled Pallas kernels, as on the TPU
+    with targeting(platform):  # bf16 compute and the compiled Pallas kernels, as on that chip
         model_cfg = GPTConfig.from_config(config, _vocab(config) or None)
         trainer = Trainer(GPT(model_cfg), make_optimizer(train), device_mesh, config.sharding_rules,
                           grad_accum=train.grad_accum)
         batch = jax.ShapeDtypeStruct((train.batch_size, model_cfg.block_size + 1), jnp.int32,
                                      sharding=batch_sharding(device_mesh))
         lowered = trainer.train_step.trace(trainer.abstract_state, batch, jax.random.key(0)).lower()
-    head = f"compiled for {count} x {chip} (libtpu; not run)"
+    head = f"compiled for {count} x {chip} ({'libtpu' if platform == 'tpu' else 'CUDA plugin'}; not run)"
     try:
         compiled = lowered.compile()
     except jax.errors.JaxRuntimeError as e:  # XLA refuses a program that cannot fit
@@ -191,23 +206,23 @@ def compiled_report(config, mesh: dict[str, int], chip: str) -> str:
     # the state is donated: its outputs reuse the argument buffers (alias), so the peak is about
     # arguments + outputs - aliased + temporaries
     peak = m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
-    verdict = "fits" if peak <= tpu_compile.HBM_GIB[chip] * GIB else "does NOT fit"
+    verdict = "fits" if peak <= hbm_gib * GIB else "does NOT fit"
     return "\n".join([
-        f"{head}: {tpu_compile.kernel_count(compiled.as_text())} Pallas kernel launches a step",
+        f"{head}: {kernel_count(compiled.as_text())} Pallas kernel launches a step",
         f"  arguments (state shards, batch) {m.argument_size_in_bytes / GIB:10.2f} GiB per chip",
         f"  temporaries                     {m.temp_size_in_bytes / GIB:10.2f} GiB",
         f"  outputs not aliased to inputs   {(m.output_size_in_bytes - m.alias_size_in_bytes) / GIB:10.2f} GiB",
-        f"  total                           {peak / GIB:10.2f} GiB: {verdict} in {tpu_compile.HBM_GIB[chip]} GiB "
-        f"of {chip} HBM (XLA's figure for the compiled step)"])
+        f"  total                           {peak / GIB:10.2f} GiB: {verdict} in {hbm_gib} GiB "
+        f"of {chip} memory (XLA's figure for the compiled step)"])
 
 
 def _define_flags(fv):
     flags.DEFINE_string("mesh", "data=1,fsdp=1,tensor=1", "mesh sizes, e.g. data=8,fsdp=16,tensor=8", flag_values=fv)
     flags.DEFINE_float("device_memory_gib", 80.0, "memory of one device, to say whether it fits (default: 80, "
                        "or the HBM of the --compile_for chip)", flag_values=fv)
-    flags.DEFINE_string("compile_for", None, "also compile the train step for a TPU slice of this chip (v5e, v6e) "
-                        "with the mesh's size, using libtpu (no TPU needed), and print XLA's memory per chip",
-                        flag_values=fv)
+    flags.DEFINE_string("compile_for", None, "also compile the train step for the mesh's size of this chip (v5e, "
+                        "v6e with libtpu; h100 with jax's CUDA plugin; none of them needed) and print XLA's "
+                        "memory per chip", flag_values=fv)
 
 
 @cli_entry
@@ -217,13 +232,19 @@ def main(argv):
     mesh = parse_mesh(fv.mesh)
     memory_gib = fv.device_memory_gib
     if fv.compile_for:
-        from kernels.tpu_compile import HBM_GIB, require_libtpu
-        try:
-            require_libtpu("--compile_for")  # say so before the estimate, not after
+        from kernels import gpu_compile, tpu_compile
+        gpu = fv.compile_for in GPU_CHIPS
+        try:  # say so before the estimate, not after
+            if gpu:
+                gpu_compile.require_cuda_plugin("--compile_for")
+            else:
+                tpu_compile.require_libtpu("--compile_for")
         except ValueError as e:
             raise UserError(str(e)) from None
-        if not fv["device_memory_gib"].present:  # judge the estimate by that chip's HBM
-            memory_gib = HBM_GIB.get(fv.compile_for, memory_gib)
+        if gpu:  # before jax starts its backends
+            os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
+        if not fv["device_memory_gib"].present:  # judge the estimate by that chip's memory
+            memory_gib = {**tpu_compile.HBM_GIB, **gpu_compile.HBM_GIB}.get(fv.compile_for, memory_gib)
     print(plan(fv.config, mesh, memory_gib), flush=True)
     if fv.compile_for:
         print(compiled_report(fv.config, mesh, fv.compile_for))

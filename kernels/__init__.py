@@ -25,10 +25,14 @@ __all__ = ["sparse_attention", "auto_impl", "IMPLS", "Pattern", "dense", "local"
 
 
 def auto_impl() -> str:
-    """The kernel `impl="auto"` tries first on the default device (or the TPU being compiled for)."""
-    if target_platform() == "tpu":
+    """The kernel `impl="auto"` tries first on the default device (or the TPU or H100 being compiled
+    for: kernels.tpu_compile, kernels.gpu_compile, gpt_jax.plan --compile_for)."""
+    target = target_platform()
+    if target == "tpu":
         return "pallas_tpu"
     dev = jax.devices()[0]
+    if target == "gpu" and dev.platform != "gpu":  # compiling for an H100 on a host without a GPU
+        return "pallas_gpu"
     if dev.platform == "gpu":
         major = str(getattr(dev, "compute_capability", "0")).split(".")[0]  # CUDA only; ROCm has none
         return "pallas_gpu" if major.isdigit() and int(major) >= 9 else "reference"

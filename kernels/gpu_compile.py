@@ -54,6 +54,8 @@ platform_name: "CUDA"
 dnn_version_info { major: 9 minor: 10 }
 device_description_str: "NVIDIA H100 80GB HBM3"
 """
+HBM_GIB = {"h100": 80}  # what gpt_jax.plan --compile_for judges a GPU's memory against
+GPUS_PER_HOST = 8
 SMS = 132
 SMEM_PER_SM = 233472  # bytes; the driver keeps 1 KiB of it per resident CTA
 REGISTERS_PER_SM = 65536
@@ -75,14 +77,28 @@ def require_cuda_plugin(what: str) -> None:
 
 
 @functools.cache
-def h100():
-    """A compile-only H100 device. Needs the CUDA plugin, not a GPU; call before jax picks its backends."""
+def devices(count: int = 1) -> tuple:
+    """`count` compile-only H100s (hosts of 8, or one host of fewer). Needs the CUDA plugin, not a
+    GPU; call before jax picks its backends."""
+    if count < 1 or (count > GPUS_PER_HOST and count % GPUS_PER_HOST):
+        raise ValueError(f"H100s to compile for come {GPUS_PER_HOST} a host (or fewer on one), not {count}")
     # The plugin checks the CUDA libraries' versions through a driver that a machine without a GPU
     # lacks; the compile itself needs only the libraries.
     os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
     from jax.experimental import topologies
 
-    return topologies.get_topology_desc(platform="cuda", topology="1x1x1", target_config=H100_TARGET).devices[0]
+    hosts, per_host = (count // GPUS_PER_HOST, GPUS_PER_HOST) if count > GPUS_PER_HOST else (1, count)
+    return tuple(topologies.get_topology_desc(platform="cuda", topology=f"1x{hosts}x{per_host}",
+                                              target_config=H100_TARGET).devices)
+
+
+def h100():
+    return devices(1)[0]
+
+
+def kernel_count(hlo_text: str) -> int:
+    """Mosaic GPU kernel launches in a compiled program."""
+    return hlo_text.count('custom_call_target="mosaic_gpu')
 
 
 @dataclasses.dataclass

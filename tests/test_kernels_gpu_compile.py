@@ -68,3 +68,16 @@ def test_benchmark_shape_compiles_for_an_h100_without_spills_in_the_forward(tmp_
         assert r["smem"] <= 227 * 1024 and r["ctas_per_sm"] == 1
     for name in ("fwd_band", "fwd_strided"):
         assert rows[name]["spill_stores"] == rows[name]["spill_loads"] == 0, rows[name]
+
+
+@pytest.mark.gpu_aot
+def test_plan_compiles_the_sparse_train_step_for_h100s():
+    """gpt_jax.plan --compile_for h100: the sharded train step of a GPT-3-style model with one
+    local+strided layer launches its six Mosaic GPU kernels (forward: band and strided passes; backward:
+    dq and dk/dv of each) a micro-batch, and XLA's memory per GPU is printed."""
+    proc = subprocess.run([sys.executable, "-m", "gpt_jax.plan", "--config", "experiments/gpt3_small_sparse.py",
+                           "--config.model.n_layer=2", "--config.train.batch_size=8", "--config.train.grad_accum=1",
+                           "--mesh", "fsdp=2", "--compile_for", "h100"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "compiled for 2 x h100 (CUDA plugin; not run): 6 Pallas kernel launches a step" in proc.stdout
+    assert "fits in 80 GiB of h100 memory" in proc.stdout

@@ -140,7 +140,14 @@ def test_unsupported_inputs_raise_value_error_and_auto_falls_back(monkeypatch):
     assert issubclass(UnsupportedInput, ValueError)
 
 
-def test_auto_is_reference_on_cpu():
+def test_auto_is_reference_on_cpu_and_the_kernel_when_compiling_for_one():
+    from kernels.platform import targeting
+
+    assert kernels.auto_impl() == "reference"
+    with targeting("tpu"):  # kernels.tpu_compile, gpt_jax.plan --compile_for v5e
+        assert kernels.auto_impl() == "pallas_tpu"
+    with targeting("gpu"):  # kernels.gpu_compile, gpt_jax.plan --compile_for h100
+        assert kernels.auto_impl() == "pallas_gpu"
     assert kernels.auto_impl() == "reference"
 
 

@@ -90,18 +90,22 @@ def test_plan_cli_sparse_attention_counts_fewer_pairs():
 
 
 def test_compile_for_says_what_it_needs(monkeypatch):
-    """--compile_for: without libtpu, and for a chip or slice size libtpu has no topology for, a
-    one-line error (the compile itself is tests/test_kernels_tpu_aot.py, marker tpu_aot)."""
+    """--compile_for: without the compiler it needs (libtpu for a TPU, jax's CUDA plugin for an H100),
+    and for a chip or device count it has no topology for, a one-line error (the compiles themselves
+    are tests/test_kernels_tpu_aot.py and tests/test_kernels_gpu_compile.py, markers tpu_aot and gpu_aot)."""
     from gpt_jax.config import get_base_config
     from gpt_jax.plan import compiled_report
-    from kernels import tpu_compile
+    from kernels import gpu_compile, tpu_compile
 
     config = get_base_config()
-    monkeypatch.setattr(tpu_compile, "have_libtpu", lambda: False)
-    with pytest.raises(UserError, match="needs libtpu"):
-        compiled_report(config, parse_mesh("data=2"), "v5e")
-    monkeypatch.setattr(tpu_compile, "have_libtpu", lambda: True)
-    with pytest.raises(UserError, match="power-of-two number of chips, not 6"):
-        compiled_report(config, parse_mesh("data=2,fsdp=3"), "v5e")
-    with pytest.raises(UserError, match="unknown TPU chip 'v7'"):
-        compiled_report(config, parse_mesh("data=2"), "v7")
+    # (module, its "is the compiler installed" switch, chip, mesh, the error wanted)
+    cases = [(tpu_compile, "have_libtpu", False, "v5e", "data=2", "needs libtpu"),
+             (tpu_compile, "have_libtpu", True, "v5e", "data=2,fsdp=3", "power-of-two number of chips, not 6"),
+             (tpu_compile, "have_libtpu", True, "v7", "data=2", "unknown TPU chip 'v7'"),
+             (gpu_compile, "have_cuda_plugin", False, "h100", "data=2",
+              "--compile_for h100: compiling for an H100 needs jax's CUDA plugin"),
+             (gpu_compile, "have_cuda_plugin", True, "h100", "data=4,fsdp=3", "come 8 a host .or fewer on one., not 12")]
+    for module, switch, installed, chip, mesh, error in cases:
+        monkeypatch.setattr(module, switch, lambda installed=installed: installed)
+        with pytest.raises(UserError, match=error):
+            compiled_report(config, parse_mesh(mesh), chip)
