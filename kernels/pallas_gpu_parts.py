@@ -2,11 +2,16 @@
 (`PassConfig`), the TMA ring that streams blocks to the compute warpgroups, row copies in and out of
 [B, T, H, D] (in place for residue-major passes), masks, and the wgmma accumulate.
 
-A CTA owns `W` tiles of 64 rows (one per compute warpgroup) and one memory warpgroup that streams
-the other operand's blocks through a ring of `slots` shared-memory buffers with TMA:
+A tile is W * 64 rows, 64 for each compute warpgroup; a CTA has W compute warpgroups and one memory
+warpgroup that streams the other operand's blocks through a ring of `slots` shared-memory buffers with
+TMA:
 
-    memory WG   for blk in [cta_lo, cta_hi): wait consumed[slot]; TMA blk -> ring[slot], arrive ready[slot]
-    compute WG  for blk in [cta_lo, cta_hi): wait ready[slot]; work on it (or skip); arrive consumed[slot]
+    memory WG   for tile, blk in [cta_lo, cta_hi): wait consumed[slot]; TMA blk -> ring[slot], arrive ready[slot]
+    compute WG  for tile: resident loads, then for blk in [cta_lo, cta_hi): wait ready[slot]; work on it
+                (or skip); arrive consumed[slot]; then the tile's epilogue
+
+A CTA runs `PassConfig.tiles` tiles in turn (`stream`, `run_tiles`): the ring's slot is the block's
+index in the CTA's whole stream, so it runs on from one tile into the next.
 
 [cta_lo, cta_hi) is the union of the warpgroups' own ranges from `schedule.row_tile_range` /
 `col_tile_range` (computed on int32 scalars in the kernel, so no block lists need to reach it). Each
