@@ -15,9 +15,16 @@ def lr_schedule(train_cfg) -> optax.Schedule:
         decay_steps=max(decay_steps, warmup + 1), end_value=train_cfg.lr * train_cfg.min_lr_ratio)
 
 
+NO_DECAY = ("bias", "scale")  # parameter names never decayed: biases and LayerNorm scales
+
+
 def decay_mask(params):
-    """Decay matrices (embeddings and kernels, ndim >= 2); never biases or LayerNorm scales."""
-    return jax.tree_util.tree_map(lambda p: p.ndim >= 2, params)
+    """Decay matrices (embeddings and kernels); never biases or LayerNorm scales. By name, not by
+    rank: the fused qkv bias is [3, heads, head_dim], three-dimensional and still a bias."""
+    def decays(path, _):
+        names = {getattr(k, "key", getattr(k, "name", None)) for k in path}  # boxed leaves add a 'value'
+        return not names & set(NO_DECAY)
+    return jax.tree_util.tree_map_with_path(decays, params)
 
 
 def make_optimizer(train_cfg) -> optax.GradientTransformation:

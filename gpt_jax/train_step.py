@@ -69,7 +69,9 @@ class Trainer:
     def _init_boxed(self, key):
         dummy = jnp.zeros((1, self.model.cfg.block_size), jnp.int32)
         params = self.model.init(key, dummy)["params"]
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(nn.unbox(params)))
+        # The optimizer sees the boxed parameters, so its moments keep their logical axes and are
+        # sharded like them (initialized from unboxed ones, every device would hold all of them).
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params))
 
     def _abstract_state(self):
         with self._context():

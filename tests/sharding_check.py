@@ -54,6 +54,9 @@ def main(out_path):
             results[f"{name}/param/{jax.tree_util.keystr(path)}"] = np.asarray(p)
             specs[f"{name}/{jax.tree_util.keystr(path)}"] = [
                 list(a) if isinstance(a, tuple) else a for a in p.sharding.spec]
+        for path, x in jax.tree_util.tree_leaves_with_path(state.opt_state):  # AdamW's moments, count
+            specs[f"{name}/opt{jax.tree_util.keystr(path)}"] = [
+                list(a) if isinstance(a, tuple) else a for a in x.sharding.spec]
     np.savez(out_path, **results)
     with open(out_path + ".json", "w") as f:
         json.dump(specs, f)

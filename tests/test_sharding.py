@@ -47,7 +47,7 @@ def test_train_step_updates_match_across_meshes(sharded_results):
                                    err_msg=key)
 
 
-def test_parameter_shardings_follow_the_rules(sharded_results):
+def test_parameter_and_optimizer_state_shardings_follow_the_rules(sharded_results):
     _, specs = sharded_results
     expect = {  # logical axes -> mesh axes through DEFAULT_RULES
         "['wte']['embedding']": ["tensor", "fsdp"],                   # (vocab, embed)
@@ -62,6 +62,11 @@ def test_parameter_shardings_follow_the_rules(sharded_results):
         got = specs[f"mesh/{path}"]
         got += [None] * (len(spec) - len(got))  # trailing unsharded dims may be left out
         assert got == spec, path
+        # AdamW's two moments of that parameter are sharded the same way, not replicated
+        moments = [v for k, v in specs.items() if k.startswith("mesh/opt") and k.endswith(path)]
+        assert len(moments) == 2, (path, moments)
+        for m in moments:
+            assert m + [None] * (len(spec) - len(m)) == spec, (path, m)
 
 
 def test_attention_kernel_runs_on_each_devices_shard(sharded_results):

@@ -70,3 +70,31 @@ def test_other_tokenizers_train_from_a_file(tmp_path, tokenizer):
     run(cfg, str(tmp_path / "wd"), progress=False)
     losses = [r["loss"] for r in read_metrics(str(tmp_path / "wd"), "train")]
     assert losses[-1] < 0.5 * losses[0]
+
+
+def test_weight_decay_moves_matrices_only():
+    """GPT-3's AdamW decays embeddings and kernels, never biases or LayerNorm scales (the fused qkv
+    bias is three-dimensional, so rank cannot tell): with zero gradients after warm-up, only the
+    decay moves parameters, also with the optimizer state built from the boxed parameters."""
+    import jax
+    import jax.numpy as jnp
+
+    from gpt_jax import sharding as shd
+    from gpt_jax.model import GPT, GPTConfig
+    from gpt_jax.optim import make_optimizer
+    from gpt_jax.train_step import Trainer
+
+    cfg = tiny_config(train=dict(warmup_steps=1, weight_decay=0.1))
+    trainer = Trainer(GPT(GPTConfig.from_config(cfg, 64)), make_optimizer(cfg.train),
+                      shd.make_mesh(dict(data=1, fsdp=1, tensor=1)), cfg.sharding_rules)
+    state = trainer.init_state(jax.random.key(0))
+    zero = jax.tree_util.tree_map(jnp.zeros_like, state.params)
+    ones = jax.tree_util.tree_map(jnp.ones_like, state.params)  # biases start at 0, where decay shows nothing
+    opt_state = state.opt_state
+    for _ in range(3):  # past the warm-up's zero learning rate
+        updates, opt_state = trainer.tx.update(zero, opt_state, ones)
+    moved = {jax.tree_util.keystr(p): bool(jnp.any(u != 0)) for p, u in jax.tree_util.tree_leaves_with_path(updates)}
+    matrix = {k: not k.endswith(("['bias']", "['scale']")) for k in moved}
+    assert moved == matrix
+    assert moved["['h_0']['attn']['c_attn']['kernel']"] and moved["['wte']['embedding']"] and moved["['wpe']"]
+    assert not moved["['h_0']['attn']['c_attn']['bias']"]  # [3, heads, head_dim]
