@@ -19,6 +19,7 @@ import jax.numpy as jnp
 
 import kernels
 from gpt_jax.kernel_sharding import per_shard
+from kernels.dropout import head_seeds, seed_from_key
 from kernels.head_groups import over_head_groups
 from kernels.patterns import Pattern
 from kernels.platform import target_platform
@@ -63,23 +64,22 @@ def _kernel(q, k, v, pattern: Pattern):
     return per_shard(lambda q, k, v: kernels.sparse_attention(q, k, v, pattern, impl="auto"), q, k, v)
 
 
-def attend_with_dropout(q, k, v, pattern: Pattern, rate: float, key):
+def attend_with_dropout(q, k, v, pattern: Pattern, rate: float, key, impl: str = "auto"):
     """Attention with dropout on the probabilities (nanoGPT's `attn_dropout`, GPT-2's attn_pdrop).
 
-    No fused kernel here drops probabilities, so this materializes the [t, t] scores per head in
-    XLA: meant for short contexts like shakespeare_char's 256. Kept probabilities are scaled by
-    1 / (1 - rate), so the output's expectation over keys is plain attention.
+    The mask is kernels/dropout.py's hash of (seed, batch row, head, query, key), so every
+    implementation drops the same probabilities, and the [batch, heads] seeds are made before a mesh
+    splits the batch and heads: one device or many, the same mask. On a GPU (impl auto or pallas) the
+    Mosaic GPU kernels drop inside, so no [t, t] scores reach memory; elsewhere the masked reference
+    runs in XLA, meant for short contexts like shakespeare_char's 256.
+    Kept probabilities are scaled by 1 / (1 - rate), so the output's expectation is plain attention.
     """
-    if pattern.kind == "heads":
-        keys = iter(jax.random.split(key, len(pattern.parts)))
-        return over_head_groups(lambda qg, kg, vg, part: attend_with_dropout(qg, kg, vg, part, rate, next(keys)),
-                                q, k, v, pattern)
-    b, t, h, d = q.shape
-    hk = k.shape[2]
-    qg = q.reshape(b, t, hk, h // hk, d)
-    logits = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * d ** -0.5
-    visible = pattern.mask(jnp.arange(t), jnp.arange(t), xp=jnp)  # the diagonal is always visible
-    probs = jax.nn.softmax(jnp.where(visible, logits, -jnp.inf), axis=-1)
-    keep = jax.random.bernoulli(key, 1.0 - rate, probs.shape)
-    probs = jnp.where(keep, probs / (1.0 - rate), 0.0).astype(v.dtype)
-    return jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h, d)
+    seeds = head_seeds(seed_from_key(key), q.shape[0], q.shape[2])
+    if impl not in ("auto", "pallas"):
+        return reference_attention(q, k, v, pattern, dropout_rate=rate, dropout_seed=seeds)
+    # Only the Mosaic GPU kernels drop probabilities so far; elsewhere the reference runs per shard.
+    kernel = "auto" if _backend() == "gpu" else "reference"
+
+    def per_device(q, k, v, seeds):
+        return kernels.sparse_attention(q, k, v, pattern, impl=kernel, dropout_rate=rate, dropout_seed=seeds)
+    return per_shard(per_device, q, k, v, seeds)

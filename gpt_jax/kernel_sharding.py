@@ -39,11 +39,13 @@ def shard_spec(mesh, q, k) -> P:
     return P(*spec)
 
 
-def per_shard(fn, q, k, v):
-    """fn(q, k, v) -> [batch, seq, heads, head_dim], run per device under the context's mesh (as is
-    without one, or on a single device)."""
+def per_shard(fn, q, k, v, *per_head):
+    """fn(q, k, v, *per_head) -> [batch, seq, heads, head_dim], run per device under the context's mesh
+    (as is without one, or on a single device). per_head: [batch, heads] arrays (dropout seeds), split
+    as q's batch and heads are."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.size == 1:
-        return fn(q, k, v)
+        return fn(q, k, v, *per_head)
     spec = shard_spec(mesh, q, k)
-    return jax.shard_map(fn, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec, check_vma=False)(q, k, v)
+    in_specs = (spec, spec, spec) + (P(spec[0], spec[2]),) * len(per_head)
+    return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=spec, check_vma=False)(q, k, v, *per_head)

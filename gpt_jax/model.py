@@ -163,7 +163,8 @@ class CausalSelfAttention(nn.Module):
             y = y[:, None]
         else:
             if cfg.attn_dropout > 0 and not deterministic:
-                y = attend_with_dropout(q, k, v, self.pattern, cfg.attn_dropout, self.make_rng("dropout"))
+                y = attend_with_dropout(q, k, v, self.pattern, cfg.attn_dropout, self.make_rng("dropout"),
+                                        cfg.attn_impl)
             else:
                 y = attend(q, k, v, self.pattern, cfg.attn_impl)
             if cache is not None:

@@ -12,8 +12,9 @@ import warnings
 
 import jax
 
+from kernels.dropout import Dropout, head_seeds
 from kernels.errors import UnsupportedInput
-from kernels.head_groups import over_head_groups
+from kernels.head_groups import over_head_groups, split
 from kernels.patterns import Pattern, dense, fixed, heads, local, local_strided, strided
 from kernels.platform import target_platform
 from kernels.reference import reference_attention
@@ -55,21 +56,25 @@ def _check_shapes(q, k, v, pattern: Pattern) -> None:
     pattern.check_seq_len(q.shape[1])
 
 
-def _run(impl, q, k, v, pattern, block_q, block_k, interpret):
+def _run(impl, q, k, v, pattern, block_q, block_k, interpret, dropout_rate, dropout_seed):
+    drop = dict(dropout_rate=dropout_rate, dropout_seed=dropout_seed)
     if impl == "reference":
-        return reference_attention(q, k, v, pattern)
+        return reference_attention(q, k, v, pattern, **drop)
     if impl == "pallas_tpu":
+        if dropout_rate:
+            raise UnsupportedInput("pallas_tpu does not drop attention probabilities yet; use impl='reference' "
+                                   "(kernels/dropout.py's mask) or dropout_rate=0")
         from kernels.pallas_tpu import sparse_attention_tpu
         return sparse_attention_tpu(q, k, v, pattern, block_q=block_q, block_k=block_k, interpret=interpret)
     if impl == "pallas_gpu":
         from kernels.pallas_gpu import sparse_attention_gpu
         return sparse_attention_gpu(q, k, v, pattern, block_q=block_q, block_k=block_k,
-                                    interpret=interpret or False)
+                                    interpret=interpret or False, **drop)
     raise ValueError(f"unknown impl {impl!r}; expected one of {IMPLS}")
 
 
 def sparse_attention(q, k, v, pattern: Pattern, *, impl: str = "auto", block_q: int | None = None,
-                     block_k: int | None = None, interpret=None):
+                     block_k: int | None = None, interpret=None, dropout_rate: float = 0.0, dropout_seed=None):
     """Causal attention restricted to `pattern`.
 
     q: [batch, seq, heads, head_dim]; k, v: [batch, seq, kv_heads, head_dim] (heads % kv_heads == 0),
@@ -81,15 +86,25 @@ def sparse_attention(q, k, v, pattern: Pattern, *, impl: str = "auto", block_q: 
     (it raises ValueError) auto warns and uses the reference instead. A forced impl raises.
     block_q/block_k: kernel tile sizes (None: the kernel's default). interpret: pallas_tpu (None: the
     TPU interpreter off-TPU) and pallas_gpu (True: the Mosaic GPU interpreter, on any backend).
+    dropout_rate > 0 drops attention probabilities (training-time attention dropout) by the hash of
+    kernels/dropout.py of (dropout_seed, batch row, head, query position, key position): every impl
+    that takes it drops the same ones. dropout_seed: an int32 scalar (e.g. dropout.seed_from_key(key)),
+    or the [batch, heads] seeds dropout.head_seeds gives, sliced as q is, from a caller that shards.
     """
     _check_shapes(q, k, v, pattern)
     if impl not in IMPLS:
         raise ValueError(f"unknown impl {impl!r}; expected one of {IMPLS}")
-    if pattern.kind == "heads":  # per-head patterns: each head group on its own
+    Dropout(dropout_rate)  # validates the rate
+    if dropout_rate and dropout_seed is None:
+        raise ValueError("dropout_rate > 0 needs a dropout_seed (an int32 scalar)")
+    if pattern.kind == "heads":  # per-head patterns: each head group on its own, with its slice of the seeds
+        n = len(pattern.parts)
+        seeds = iter(split(head_seeds(dropout_seed, q.shape[0], q.shape[2]), n, axis=1) if dropout_rate else [None] * n)
         return over_head_groups(lambda qg, kg, vg, part: sparse_attention(
-            qg, kg, vg, part, impl=impl, block_q=block_q, block_k=block_k, interpret=interpret), q, k, v, pattern)
+            qg, kg, vg, part, impl=impl, block_q=block_q, block_k=block_k, interpret=interpret,
+            dropout_rate=dropout_rate, dropout_seed=next(seeds)), q, k, v, pattern)
     if impl != "auto":
-        return _run(impl, q, k, v, pattern, block_q, block_k, interpret)
+        return _run(impl, q, k, v, pattern, block_q, block_k, interpret, dropout_rate, dropout_seed)
     chosen = auto_impl()
     if chosen == "pallas_gpu":
         from kernels import pallas_gpu
@@ -97,10 +112,10 @@ def sparse_attention(q, k, v, pattern: Pattern, *, impl: str = "auto", block_q: 
             warnings.warn("sparse_attention: the pallas_gpu kernel has not been verified on a GPU yet "
                           "(kernels.pallas_gpu.VERIFIED_ON_GPU); using the reference implementation, which "
                           "materializes the [seq, seq] scores; force impl='pallas_gpu' to run it", stacklevel=2)
-            return reference_attention(q, k, v, pattern)
+            return reference_attention(q, k, v, pattern, dropout_rate=dropout_rate, dropout_seed=dropout_seed)
     try:
-        return _run(chosen, q, k, v, pattern, block_q, block_k, interpret)
+        return _run(chosen, q, k, v, pattern, block_q, block_k, interpret, dropout_rate, dropout_seed)
     except UnsupportedInput as e:
         warnings.warn(f"sparse_attention: {chosen} cannot run these inputs ({e}); using the reference "
                       f"implementation, which materializes the [seq, seq] scores", stacklevel=2)
-        return reference_attention(q, k, v, pattern)
+        return reference_attention(q, k, v, pattern, dropout_rate=dropout_rate, dropout_seed=dropout_seed)

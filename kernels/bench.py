@@ -65,14 +65,18 @@ def _on_gpu():
     return jax.devices()[0].platform == "gpu"
 
 
-def _jax_alternative(name, pattern, seq, batch, heads, head_dim, dtype, interpret, block_k=None):
+def _jax_alternative(name, pattern, seq, batch, heads, head_dim, dtype, interpret, block_k=None, dropout=0.0):
     """(attention fn of q, k, v, pattern it computes) for a JAX alternative, or NotAvailable."""
+    drop = dict(dropout_rate=dropout, dropout_seed=jnp.int32(seq) if dropout else None)
+    if dropout and name not in ("ours", "reference"):
+        raise NotAvailable("no attention dropout")
     if name == "ours":
         impl = kernels.auto_impl()
         if impl == "reference" and not interpret:
             raise NotAvailable("no kernel for this platform; --interpret runs the TPU interpreter")
         impl = "pallas_tpu" if impl == "reference" else impl
-        return (lambda q, k, v: kernels.sparse_attention(q, k, v, pattern, impl=impl, block_k=block_k)), pattern
+        return (lambda q, k, v: kernels.sparse_attention(q, k, v, pattern, impl=impl, block_k=block_k,
+                                                         **drop)), pattern
     if name == "splash":
         try:
             from kernels.bench_splash import splash_attention
@@ -100,12 +104,14 @@ def _jax_alternative(name, pattern, seq, batch, heads, head_dim, dtype, interpre
         mask = jnp.asarray(pattern.mask(pos, pos))[None, None]
         return (lambda q, k, v: jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")), pattern
     if name == "reference":
-        return (lambda q, k, v: kernels.reference_attention(q, k, v, pattern)), pattern
+        return (lambda q, k, v: kernels.reference_attention(q, k, v, pattern, **drop)), pattern
     raise ValueError(f"unknown impl {name!r}")
 
 
-def _bench_jax(name, pattern, seq, batch, heads, head_dim, dtype, repeats, warmup, interpret, block_k=None):
-    attn, computed = _jax_alternative(name, pattern, seq, batch, heads, head_dim, dtype, interpret, block_k)
+def _bench_jax(name, pattern, seq, batch, heads, head_dim, dtype, repeats, warmup, interpret, block_k=None,
+               dropout=0.0):
+    attn, computed = _jax_alternative(name, pattern, seq, batch, heads, head_dim, dtype, interpret, block_k,
+                                      dropout)
     keys = jax.random.split(jax.random.key(seq), 4)
     q, k, v, do = (jax.random.normal(kk, (batch, seq, heads, head_dim), dtype) for kk in keys)
     fwd = jax.jit(attn)
@@ -138,13 +144,16 @@ def variant_switches(variant: str):
 
 
 def run_one(name, pattern, seq, batch, heads, head_dim, dtype, repeats, warmup, interpret, block_k=None,
-            variant="default"):
+            variant="default", dropout=0.0):
     """One row of the table as a dict; errors and unavailable alternatives become 'n/a (reason)'.
-    block_k: our kernel's key block (None: its default); variant: a VARIANTS key. The row's impl
-    reads "ours:bk<N>:<variant>" for what is not the default."""
-    label = name + (f":bk{block_k}" if block_k else "") + (f":{variant}" if variant != "default" else "")
+    block_k: our kernel's key block (None: its default); variant: a VARIANTS key; dropout: attention
+    dropout rate (ours and the reference only). The row's impl reads "ours:bk<N>:<variant>:drop<rate>"
+    for what is not the default."""
+    label = (name + (f":bk{block_k}" if block_k else "") + (f":{variant}" if variant != "default" else "")
+             + (f":drop{dropout:g}" if dropout else ""))
     row = dict(impl=label, seq=seq, batch=batch, heads=heads, head_dim=head_dim, dtype=str(jnp.dtype(dtype)),
-               pattern=str(pattern), device=jax.devices()[0].device_kind, block_k=block_k, variant=variant)
+               pattern=str(pattern), device=jax.devices()[0].device_kind, block_k=block_k, variant=variant,
+               dropout=dropout)
     try:
         if name == "flex":
             from kernels.bench_flex import bench_flex
@@ -153,7 +162,7 @@ def run_one(name, pattern, seq, batch, heads, head_dim, dtype, repeats, warmup, 
         else:
             with variant_switches(variant):
                 computed, fwd_ms, fb_ms = _bench_jax(name, pattern, seq, batch, heads, head_dim, dtype,
-                                                     repeats, warmup, interpret, block_k)
+                                                     repeats, warmup, interpret, block_k, dropout)
     except (NotAvailable, UnsupportedInput) as e:
         return dict(row, status=f"n/a ({e})")
     except Exception as e:  # OOM, compiler errors: report, keep benchmarking the rest
@@ -223,6 +232,8 @@ def parse_args(argv=None):
                    "each (default: the kernel's own choice)")
     p.add_argument("--variants", default="default", help="comma-separated variants of our kernel, one row "
                    f"each: {', '.join(VARIANTS)}")
+    p.add_argument("--dropout", default="0", help="comma-separated attention dropout rates; rows with a rate "
+                   "above 0 time ours and the reference only (kernels/dropout.py's mask)")
     p.add_argument("--out", default=None, help="directory for bench.json and bench.png")
     return p.parse_args(argv)
 
@@ -244,14 +255,22 @@ def main(argv=None):
     variants = [v for v in args.variants.split(",") if v]
     if not variants or set(variants) - set(VARIANTS):
         raise SystemExit(f"unknown --variants {args.variants!r}; choose from {', '.join(VARIANTS)}")
+    try:
+        rates = [float(r) for r in args.dropout.split(",") if r.strip()] or [0.0]
+        if any(not 0.0 <= r < 1.0 for r in rates):
+            raise ValueError
+    except ValueError:
+        raise SystemExit(f"--dropout takes comma-separated rates in [0, 1), got {args.dropout!r}") from None
     rows = []
     for seq in (int(s) for s in args.seq.split(",")):
         batch = max(1, args.tokens // seq)
-        for name in impls:
+        for rate, name in itertools.product(rates, impls):
+            if rate and name not in ("ours", "reference"):
+                continue  # nothing else drops with the same mask
             ours = name == "ours"
             for bk, variant in itertools.product(block_ks if ours else [None], variants if ours else ["default"]):
                 rows.append(run_one(name, pattern, seq, batch, args.heads, args.head_dim, jnp.dtype(args.dtype),
-                                    args.repeats, args.warmup, args.interpret, bk, variant))
+                                    args.repeats, args.warmup, args.interpret, bk, variant, rate))
                 print(format_table(rows[-1:]).splitlines()[-1], flush=True)
     print(f"\n{pattern}; FLOPs = pairs computed x 4 x head_dim x heads x batch (x{BWD_FACTOR} fwd+bwd); "
           f"density {pattern.density(int(args.seq.split(',')[-1])):.4f} at the longest seq\n")

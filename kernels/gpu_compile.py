@@ -185,18 +185,21 @@ def compile_kernels(fn, *shapes) -> list[KernelReport]:
 
 
 def attention_report(pattern, seq: int, batch: int, heads: int, head_dim: int, dtype="bfloat16",
-                     block_k: int | None = None) -> list[KernelReport]:
-    """The kernels of kernels.sparse_attention(impl="pallas_gpu") forward and backward at this shape."""
+                     block_k: int | None = None, dropout: float = 0.0) -> list[KernelReport]:
+    """The kernels of kernels.sparse_attention(impl="pallas_gpu") forward and backward at this shape
+    (with attention dropout at that rate when it is above 0)."""
     import jax
     import jax.numpy as jnp
 
     from kernels.pallas_gpu import sparse_attention_gpu
 
-    def loss(q, k, v):
-        return jnp.sum(sparse_attention_gpu(q, k, v, pattern, block_k=block_k).astype(jnp.float32))
+    def loss(q, k, v, seed):
+        o = sparse_attention_gpu(q, k, v, pattern, block_k=block_k, dropout_rate=dropout, dropout_seed=seed)
+        return jnp.sum(o.astype(jnp.float32))
 
     shape = jax.ShapeDtypeStruct((batch, seq, heads, head_dim), jnp.dtype(dtype))
-    return compile_kernels(jax.grad(loss, argnums=(0, 1, 2)), shape, shape, shape)
+    seed = jax.ShapeDtypeStruct((), jnp.int32)
+    return compile_kernels(jax.grad(loss, argnums=(0, 1, 2)), shape, shape, shape, seed)
 
 
 HEADER = (f"{'seq':>6} {'variant':<16} {'kernel':<14} {'CTAs':>6} {'thr':>4} {'smem KiB':>8} {'regs':>5} {'spill st/ld B':>13} "
@@ -221,6 +224,8 @@ def main(argv=None):
     ap.add_argument("--heads", type=int, default=16)
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--block-k", type=int, default=None)
+    ap.add_argument("--dropout", type=float, default=0.0, help="attention dropout rate inside the kernels "
+                    "(dense and local patterns)")
     ap.add_argument("--variants", default="default", help="comma-separated variants of the kernel, as in "
                     "kernels.bench (e.g. default,tiles-4,tiles-4-regs-240)")
     ap.add_argument("--out", default="", help="write the rows as JSON here")
@@ -245,7 +250,7 @@ def main(argv=None):
         try:
             with variant_switches(variant):
                 reports = attention_report(pattern, seq, args.tokens // seq, args.heads, args.head_dim,
-                                           block_k=args.block_k)
+                                           block_k=args.block_k, dropout=args.dropout)
         except ValueError as e:  # shapes the kernel refuses (kernels.errors.UnsupportedInput)
             raise SystemExit(f"error: {e}") from None
         for r in reports:

@@ -28,6 +28,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+from kernels.dropout import Dropout, head_seeds
 from kernels.errors import UnsupportedInput, check_pattern_and_shapes
 from kernels.patterns import Pattern
 from kernels.schedule import Pass, merge_partials, passes_for
@@ -143,12 +144,13 @@ def pass_name(p: Pass, t: int) -> str:
     return "strided" if p.residue_major else ("causal" if p.mask.hi >= t else "band")
 
 
-def _config(p: Pass, t, block_q, block_k, interpret, kernel="fwd"):
+def _config(p: Pass, t, block_q, block_k, interpret, kernel="fwd", dropout=None):
     """The PassConfig of `kernel` ("fwd", "dq" or "dkv") for pass p."""
     K = _kernels()
     residues = p.stride if in_place(p, t, (block_q, block_k)) else 0
     tiles = math.gcd(FORWARD_TILES if kernel == "fwd" else BACKWARD_TILES, t // (2 * block_q))
-    common = dict(interpret=interpret, residues=residues, name=pass_name(p, t), tiles=tiles, registers=REGISTERS)
+    common = dict(interpret=interpret, residues=residues, name=pass_name(p, t), tiles=tiles, registers=REGISTERS,
+                  dropout=dropout)
     if kernel == "dkv":  # per-warpgroup key rows = 64 (wgmma M), streamed query blocks of block_k
         return K.PassConfig(p.mask, t, block_q=block_k, block_k=block_q, **common)
     return K.PassConfig(p.mask, t, block_q=block_q, block_k=block_k, pingpong=PINGPONG, **common)
@@ -162,8 +164,8 @@ def _chained(passes, t: int, blocks) -> bool:
     return all(not p.residue_major or in_place(p, t, blocks) for p in passes)
 
 
-def _forward(q, k, v, pattern, block_q, block_k, interpret):
-    """o [B, T, H, D] in q.dtype, lse [B, H, T] f32."""
+def _forward(q, k, v, pattern, block_q, block_k, interpret, dropout=None, seeds=None):
+    """o [B, T, H, D] in q.dtype, lse [B, H, T] f32 (of the undropped probabilities)."""
     t = q.shape[1]
     blocks = (block_q, block_k)
     passes = passes_for(pattern, t)
@@ -173,7 +175,8 @@ def _forward(q, k, v, pattern, block_q, block_k, interpret):
         to, back = _seq_layout(p, t, blocks)
         lto, lback = _lse_layout(p)
         earlier = (to(partials[-1][0]), lto(partials[-1][1])) if chained and partials else None
-        o, lse = _kernels().pass_forward(to(q), to(k), to(v), _config(p, t, block_q, block_k, interpret), earlier)
+        cfg = _config(p, t, block_q, block_k, interpret, dropout=dropout)
+        o, lse = _kernels().pass_forward(to(q), to(k), to(v), cfg, earlier, seeds=seeds)
         partials.append((back(o), lback(lse)))
     if chained or len(partials) == 1:
         return partials[-1]
@@ -183,7 +186,7 @@ def _forward(q, k, v, pattern, block_q, block_k, interpret):
     return o.astype(q.dtype), lse.swapaxes(1, 2)
 
 
-def _backward(q, k, v, o, lse, do, pattern, block_q, block_k, interpret):
+def _backward(q, k, v, o, lse, do, pattern, block_q, block_k, interpret, dropout=None, seeds=None):
     b, t, h, d = q.shape
     hk = k.shape[2]
     delta = jnp.einsum("bthd,bthd->bht", do.astype(jnp.float32), o.astype(jnp.float32))
@@ -201,17 +204,17 @@ def _backward(q, k, v, o, lse, do, pattern, block_q, block_k, interpret):
         to, back = _seq_layout(p, t, blocks)
         lto, _ = _lse_layout(p)
         args = (to(q), to(k), to(v), to(do), lto(lse2), lto(delta))
-        cfg, cfg_dkv = (_config(p, t, block_q, block_k, interpret, kernel) for kernel in ("dq", "dkv"))
+        cfg, cfg_dkv = (_config(p, t, block_q, block_k, interpret, kernel, dropout) for kernel in ("dq", "dkv"))
         if chained:
             last = i == len(passes) - 1
             gq = _kernels().pass_dq(*args, cfg, partial=None if dq is None else to(dq),
-                                    out_dtype=q.dtype if last else jnp.float32)
+                                    out_dtype=q.dtype if last else jnp.float32, seeds=seeds)
             gk, gv = _kernels().pass_dkv(*args, cfg_dkv, partials=None if dk is None else (to(dk), to(dv)),
-                                         out_dtype=k.dtype if last and h == hk else jnp.float32)
+                                         out_dtype=k.dtype if last and h == hk else jnp.float32, seeds=seeds)
             dq, dk, dv = back(gq), back(gk), back(gv)
         else:
-            gq = back(_kernels().pass_dq(*args, cfg))
-            gk, gv = (back(g) for g in _kernels().pass_dkv(*args, cfg_dkv))
+            gq = back(_kernels().pass_dq(*args, cfg, seeds=seeds))
+            gk, gv = (back(g) for g in _kernels().pass_dkv(*args, cfg_dkv, seeds=seeds))
             dq, dk, dv = (gq, gk, gv) if dq is None else (dq + gq, dk + gk, dv + gv)
     if h != hk:
         dk = dk.reshape(b, t, hk, h // hk, d).sum(axis=3)
@@ -219,37 +222,44 @@ def _backward(q, k, v, o, lse, do, pattern, block_q, block_k, interpret):
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
-def _attention(q, k, v, pattern, block_q, block_k, interpret):
-    return _forward(q, k, v, pattern, block_q, block_k, interpret)[0]
+# seeds: [B, H] int32 per-head dropout seeds (an array of zeros without dropout); no gradient.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
+def _attention(q, k, v, seeds, pattern, block_q, block_k, interpret, dropout):
+    return _forward(q, k, v, pattern, block_q, block_k, interpret, dropout, seeds)[0]
 
 
-def _attention_fwd(q, k, v, pattern, block_q, block_k, interpret):
-    o, lse = _forward(q, k, v, pattern, block_q, block_k, interpret)
-    return o, (q, k, v, o, lse)
+def _attention_fwd(q, k, v, seeds, pattern, block_q, block_k, interpret, dropout):
+    o, lse = _forward(q, k, v, pattern, block_q, block_k, interpret, dropout, seeds)
+    return o, (q, k, v, seeds, o, lse)
 
 
-def _attention_bwd(pattern, block_q, block_k, interpret, res, do):
-    q, k, v, o, lse = res
-    return _backward(q, k, v, o, lse, do, pattern, block_q, block_k, interpret)
+def _attention_bwd(pattern, block_q, block_k, interpret, dropout, res, do):
+    q, k, v, seeds, o, lse = res
+    dq, dk, dv = _backward(q, k, v, o, lse, do, pattern, block_q, block_k, interpret, dropout, seeds)
+    return dq, dk, dv, None
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 def sparse_attention_gpu(q, k, v, pattern: Pattern, *, block_q: int | None = None, block_k: int | None = None,
-                         interpret=False):
+                         interpret=False, dropout_rate: float = 0.0, dropout_seed=None):
     """Causal sparse attention with Mosaic GPU kernels. q: [B, T, H, D], k/v: [B, T, Hk, D] -> [B, T, H, D].
 
     block_q: query rows per compute warpgroup (64; a CTA runs two). block_k: streamed key block of the
     forward and dq kernels, and streamed query block of the dk/dv kernel (default `default_block_k`).
     interpret: False compiles for the GPU; True (or a plgpu.InterpretGPUParams) runs the Mosaic GPU
     interpreter on any backend (slow; float32 inputs allowed there).
+    dropout_rate > 0: probabilities dropped inside the kernels by kernels/dropout.py's hash of
+    (dropout_seed: an int32 scalar or [B, H] seeds, batch row, head, query position, key position).
     """
     block_q = block_q or 64
     block_k = block_k or default_block_k(pattern)
+    dropout = Dropout(dropout_rate) if dropout_rate else None
     check_supported(q, k, v, pattern, block_q, block_k, interpret)
     if interpret is True:
         from jax.experimental.pallas import mosaic_gpu as plgpu
         interpret = plgpu.InterpretGPUParams()
-    return _attention(q, k, v, pattern, block_q, block_k, interpret or False)
+    b, _, h, _ = q.shape
+    seeds = head_seeds(dropout_seed, b, h) if dropout else jnp.zeros((b, h), jnp.int32)
+    return _attention(q, k, v, seeds, pattern, block_q, block_k, interpret or False, dropout)

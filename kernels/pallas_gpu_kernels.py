@@ -25,23 +25,27 @@ from kernels.schedule import col_tile_range, row_tile_range
 
 # --------------------------------------------------------------------------------------------- forward
 
-def pass_forward(q, k, v, cfg: PassConfig, partial=None):
+def pass_forward(q, k, v, cfg: PassConfig, partial=None, seeds=None):
     """q: [B, T, H, D], k/v: [B, T, Hk, D] -> o [B, T, H, D] (q.dtype), lse [B, H, T] f32 (natural
     log; -inf for rows with no visible key, whose o is 0).
 
     partial: (o, lse) of an earlier pass over other keys of the same rows, laid out as this pass's
     (o, lse); the epilogue merges it by logsumexp (schedule.merge_partials), so the result is the
-    attention over both passes' keys and the partial never makes an XLA round trip."""
+    attention over both passes' keys and the partial never makes an XLA round trip.
+
+    seeds: [B, H] int32 per-head dropout seeds, when cfg.dropout is set. The kept probabilities
+    enter O and the undropped ones the normalizer, so lse is that of plain attention."""
     B, T, H, D = cfg.dims(q)
     Hk = cfg.dims(k)[2]
     group = H // Hk
     W, bq, bk, slots, dtype = cfg.compute_wgs, cfg.block_q, cfg.block_k, cfg.slots, q.dtype
     scale2 = D ** -0.5 * parts.LOG2E
 
-    inputs = (q, k, v) + tuple(partial or ())
+    inputs = (q, k, v) + tuple(partial or ()) + ((seeds,) if cfg.dropout else ())
 
     def body(*refs):
         q_ref, k_ref, v_ref, *part = refs[:len(inputs)]
+        seeds_ref = part.pop() if cfg.dropout else None
         (o_ref, lse_ref, q_smem, k_smem, v_smem, lse_smem, q_bar, ready, consumed,
          *optional) = refs[len(inputs):]
         part_smem, part_lse_smem, part_bar = optional[:3] if part else (None, None, None)
@@ -49,6 +53,7 @@ def pass_forward(q, k, v, cfg: PassConfig, partial=None):
         turn = optional[3 if part else (1 if cfg.tiles > 1 else 0):]  # the ping-pong barrier, when there is one
         b, h, cta, wg = parts.program()
         kvh = lax.div(h, group)
+        head_seed = seeds_ref[b, h] if cfg.dropout else None
         tile0 = lambda t: (cta * cfg.tiles + t) * (W * bq)  # noqa: E731  first row of the CTA's t-th tile
         r0 = lambda t: tile0(t) + wg * bq  # noqa: E731  this warpgroup's first row of it
         ranges_of = lambda t: parts.cta_ranges(row_tile_range, tile0(t), cfg, bq, bk, wg)  # noqa: E731
@@ -77,6 +82,8 @@ def pass_forward(q, k, v, cfg: PassConfig, partial=None):
             p = jnp.exp2(s - parts.per_row(m_use, s.shape))
             alpha = jnp.exp2(m - m_use)
             l = l * alpha + p.sum(axis=1)
+            if cfg.dropout:  # dropped from O only: l sums every probability (1 / (1 - rate) in the epilogue)
+                p = jnp.where(parts.dropout_keep(cfg, head_seed, row0, blk * bk, p.shape), p, 0.0)
             if pingpong:
                 take_turn()
             acc = parts.mma(acc * parts.per_row(alpha, acc.shape), p.astype(dtype), v_smem.at[slot], cfg.interpret)
@@ -109,6 +116,8 @@ def pass_forward(q, k, v, cfg: PassConfig, partial=None):
                 acc, m, l = carry
                 if pingpong:
                     pl.when(wg == 0)(take_turn)
+                if part and cfg.dropout:  # the partial's o is scaled by 1 / (1 - rate) already: so is acc
+                    acc = acc * cfg.dropout.scale
                 if part:
                     # o = (w1 o1 + acc 2^(m - m*)) / (w1 + l 2^(m - m*)), w1 = 2^(lse1 - m*), in log2 units
                     # with m* the larger of lse1 and this pass's log2 sum; rows empty in both give 0, -inf.
@@ -124,7 +133,8 @@ def pass_forward(q, k, v, cfg: PassConfig, partial=None):
                     l, m = w1 + l * w2, top
                 empty = l == 0.0
                 l_safe = jnp.where(empty, 1.0, l)
-                o_smem.at[wg][...] = (acc / parts.per_row(l_safe, acc.shape)).astype(dtype)
+                norm = l_safe * (1.0 - cfg.dropout.rate) if cfg.dropout and not part else l_safe
+                o_smem.at[wg][...] = (acc / parts.per_row(norm, acc.shape)).astype(dtype)
                 lse_smem.at[wg][...] = jnp.where(empty, -jnp.inf, (m + jnp.log2(l_safe)) * parts.LN2)
                 plgpu.commit_smem()
                 parts.store_rows(o_smem.at[wg], o_ref, rows(t))
@@ -160,7 +170,7 @@ def grid(cfg: PassConfig, heads, seq, tile_rows, batch):
 
 # -------------------------------------------------------------------------------------------- backward
 
-def pass_dq(q, k, v, do, lse2, delta, cfg: PassConfig, partial=None, out_dtype=jnp.float32):
+def pass_dq(q, k, v, do, lse2, delta, cfg: PassConfig, partial=None, out_dtype=jnp.float32, seeds=None):
     """dq of one pass [B, T, H, D] in out_dtype (float32, or q.dtype for the last pass), plus
     `partial` (float32 dq of the earlier passes, laid out as q) when given. lse2: [B, H, T] merged
     lse in log2 units (+inf for rows with no key at all); delta: [B, H, T] rowsum(dO * o)."""
@@ -170,7 +180,7 @@ def pass_dq(q, k, v, do, lse2, delta, cfg: PassConfig, partial=None, out_dtype=j
     W, bq, bk, slots, dtype = cfg.compute_wgs, cfg.block_q, cfg.block_k, cfg.slots, q.dtype
     scale = D ** -0.5
 
-    inputs = (q, k, v, do, lse2, delta) + (() if partial is None else (partial,))
+    inputs = (q, k, v, do, lse2, delta) + (() if partial is None else (partial,)) + ((seeds,) if cfg.dropout else ())
 
     # With several tiles a CTA, the next tile's q and dO load during this tile's epilogue, so a 16-bit
     # dq is staged in a buffer of its own rather than in q's.
@@ -178,6 +188,7 @@ def pass_dq(q, k, v, do, lse2, delta, cfg: PassConfig, partial=None, out_dtype=j
 
     def body(*refs):
         q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *part = refs[:len(inputs)]
+        seeds_ref = part.pop() if cfg.dropout else None
         (dq_ref, q_smem, do_smem, lse_smem, delta_smem, k_smem, v_smem, out_smem, *low, res_bar, part_bar,
          ready, consumed) = refs[len(inputs):]
         low_smem = low[0] if low_apart else q_smem
@@ -186,6 +197,7 @@ def pass_dq(q, k, v, do, lse2, delta, cfg: PassConfig, partial=None, out_dtype=j
         tile0 = lambda t: (cta * cfg.tiles + t) * (W * bq)  # noqa: E731  first row of the CTA's t-th tile
         r0 = lambda t: tile0(t) + wg * bq  # noqa: E731
         ranges_of = lambda t: parts.cta_ranges(row_tile_range, tile0(t), cfg, bq, bk, wg)  # noqa: E731
+        head_seed = seeds_ref[b, h] if cfg.dropout else None
 
         issue = parts.kv_issue(cfg, k_ref, v_ref, k_smem, v_smem, ready, b, kvh, Hk)
 
@@ -196,6 +208,9 @@ def pass_dq(q, k, v, do, lse2, delta, cfg: PassConfig, partial=None, out_dtype=j
             if masked:
                 p = jnp.where(parts.visible(cfg.mask, T, row0, blk * bk, s.shape), p, 0.0)
             dp = parts.mma(None, do_smem.at[wg], v_smem.at[slot].T, cfg.interpret)
+            if cfg.dropout:  # dP through the dropout: dO V^T / (1 - rate) where kept, 0 where dropped
+                kept = parts.dropout_keep(cfg, head_seed, row0, blk * bk, dp.shape)
+                dp = jnp.where(kept, dp * cfg.dropout.scale, 0.0)
             ds = p * (dp - parts.per_row(delta, dp.shape))
             dq = parts.mma(dq, ds.astype(dtype), k_smem.at[slot], cfg.interpret)
             return dq, lse, delta
@@ -241,7 +256,7 @@ def pass_dq(q, k, v, do, lse2, delta, cfg: PassConfig, partial=None, out_dtype=j
     return parts.launch(body, cfg, out_type, scratch, grid(cfg, H, T, W * bq, B), "dq")(*inputs)
 
 
-def pass_dkv(q, k, v, do, lse2, delta, cfg: PassConfig, partials=None, out_dtype=jnp.float32):
+def pass_dkv(q, k, v, do, lse2, delta, cfg: PassConfig, partials=None, out_dtype=jnp.float32, seeds=None):
     """dk, dv of one pass per query head, [B, T, H, D] each in out_dtype (the caller sums GQA groups),
     plus `partials` (float32 dk, dv of the earlier passes, laid out as q) when given."""
     B, T, H, D = cfg.dims(q)
@@ -250,7 +265,7 @@ def pass_dkv(q, k, v, do, lse2, delta, cfg: PassConfig, partials=None, out_dtype
     W, bq, bk, slots, dtype = cfg.compute_wgs, cfg.block_q, cfg.block_k, cfg.slots, q.dtype
     scale = D ** -0.5
 
-    inputs = (q, k, v, do, lse2, delta) + tuple(partials or ())
+    inputs = (q, k, v, do, lse2, delta) + tuple(partials or ()) + ((seeds,) if cfg.dropout else ())
 
     # With several tiles a CTA, the next tile's k and v load during this tile's epilogue, so 16-bit
     # dk and dv are staged in a buffer of their own rather than in k's and v's.
@@ -258,6 +273,7 @@ def pass_dkv(q, k, v, do, lse2, delta, cfg: PassConfig, partials=None, out_dtype
 
     def body(*refs):
         q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *part = refs[:len(inputs)]
+        seeds_ref = part.pop() if cfg.dropout else None
         (dk_ref, dv_ref, k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, out_smem, *low, res_bar,
          part_bar, ready, consumed) = refs[len(inputs):]
         low_k, low_v = (low[0], low[0]) if low_apart else (k_smem, v_smem)
@@ -266,6 +282,7 @@ def pass_dkv(q, k, v, do, lse2, delta, cfg: PassConfig, partials=None, out_dtype
         tile0 = lambda t: (cta * cfg.tiles + t) * (W * bk)  # noqa: E731  first key row of the CTA's t-th tile
         c0 = lambda t: tile0(t) + wg * bk  # noqa: E731
         ranges_of = lambda t: parts.cta_ranges(col_tile_range, tile0(t), cfg, bk, bq, wg)  # noqa: E731
+        head_seed = seeds_ref[b, h] if cfg.dropout else None
 
         def issue(t, blk, slot):
             src = parts.row_pieces(cfg, b, blk * bq, bq, h, H)
@@ -281,8 +298,14 @@ def pass_dkv(q, k, v, do, lse2, delta, cfg: PassConfig, partials=None, out_dtype
             pt = jnp.exp2(st * (scale * parts.LOG2E) - parts.per_col(lse, st.shape))
             if masked:  # visible(i = query, j = key) on the transposed tile
                 pt = jnp.where(parts.visible(cfg.mask, T, blk * bq, col0, st.shape, transposed=True), pt, 0.0)
-            dv = parts.mma(dv, pt.astype(dtype), do_smem.at[slot], cfg.interpret)
+            pt_kept = pt
+            if cfg.dropout:  # dV sums the kept probabilities (1 / (1 - rate) in the epilogue)
+                kept = parts.dropout_keep(cfg, head_seed, blk * bq, col0, st.shape, transposed=True)
+                pt_kept = jnp.where(kept, pt, 0.0)
+            dv = parts.mma(dv, pt_kept.astype(dtype), do_smem.at[slot], cfg.interpret)
             dpt = parts.mma(None, v_smem.at[wg], do_smem.at[slot].T, cfg.interpret)
+            if cfg.dropout:
+                dpt = jnp.where(kept, dpt * cfg.dropout.scale, 0.0)
             delta = plgpu.load(delta_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
             dst = pt * (dpt - parts.per_col(delta, dpt.shape))
             dk = parts.mma(dk, dst.astype(dtype), q_smem.at[slot], cfg.interpret)
@@ -314,6 +337,7 @@ def pass_dkv(q, k, v, do, lse2, delta, cfg: PassConfig, partials=None, out_dtype
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the staging buffers are free again
                 if part:
                     parts.load_rows(part[1], out_smem.at[wg], part_bar.at[wg], out(t))
+                dv = dv * cfg.dropout.scale if cfg.dropout else dv
                 parts.write_rows(dv, out(t), dv_ref, out_smem.at[wg], low_v.at[wg], bar)
 
             parts.run_tiles(cfg, compute, begin, epilogue, load_resident, load_partial if part else None)

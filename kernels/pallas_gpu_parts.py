@@ -35,6 +35,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from kernels import dropout as dropout_hash
 from kernels.schedule import DiagonalMask
 
 LOG2E = math.log2(math.e)
@@ -66,6 +67,10 @@ class PassConfig:
     # Registers a thread of a compute warpgroup / of the memory warpgroup (setmaxnreg). Two compute
     # warpgroups: 2 * 232 + 40 = 504 a thread-slot, the most 384 threads can share of the SM's 64K.
     registers: tuple = (232, 40)
+    # A kernels.dropout.Dropout: probabilities are dropped by the hash of (seed, batch row, head, query
+    # position, key position); the kernels then take a [B, H] int32 array of per-head seeds
+    # (dropout.head_seeds) as their last input.
+    dropout: object = None
 
     def dims(self, x):
         """(batch, seq, heads, head_dim) of a [B, T, H, D] operand, however it arrived."""
@@ -128,6 +133,38 @@ def visible(mask: DiagonalMask, seq_len, queries0, keys0, shape, transposed=Fals
     if limit is not None:
         vis = vis & (d <= limit)
     return vis
+
+
+def dropout_keep(cfg: PassConfig, head_seed, queries0, keys0, shape, transposed=False):
+    """The dropout mask of a tile in the WGMMA register layout (queries along dimension 0 and keys
+    along 1, or the other way round when transposed): the bits kernels/dropout.py gives XLA for the
+    tile's sequence positions. Row keys are hashed once per query and broadcast, positions computed
+    once per row and column."""
+    qdim, kdim = (1, 0) if transposed else (0, 1)
+
+    def positions(dim, first):  # the tile's rows (dim 0) or columns (dim 1) as a vector of positions
+        flat = first + plgpu.broadcasted_iota(jnp.int32, (shape[dim],), 0, layout=plgpu.Layout.WGMMA.reduce(1 - dim))
+        return sequence_positions(cfg, flat)
+
+    def spread(x, dim):
+        return (per_row if dim == 0 else per_col)(x, shape)
+
+    row_keys = spread(dropout_hash.row_keys(head_seed, positions(qdim, queries0)), qdim)
+    return dropout_hash.keep(row_keys, spread(positions(kdim, keys0), kdim), cfg.dropout)
+
+
+def sequence_positions(cfg: PassConfig, flat):
+    """Positions of a pass's flat rows: the rows themselves, or in a residue-major pass (segments of
+    P = mask.seg_len rows, one a residue of S = T / P) flat r*P + p, which holds position p*S + r."""
+    P = cfg.mask.seg_len
+    if P >= cfg.seq_len:
+        return flat
+    if P & (P - 1) == 0:
+        p, r = jnp.bitwise_and(flat, P - 1), lax.shift_right_logical(flat, P.bit_length() - 1)
+    else:
+        full = jnp.full(flat.shape, P, jnp.int32)
+        p, r = lax.rem(flat, full), lax.div(flat, full)
+    return p * (cfg.seq_len // P) + r
 
 
 def per_row(x, shape):

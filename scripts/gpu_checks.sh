@@ -9,7 +9,8 @@
 # and copy the nanoGPT data beside them (../shared does not travel; the copy is ignored, never committed):
 #   echo /.data/ >> .git/info/exclude; mkdir -p .data; cp ../shared/data/tinyshakespeare.txt .data/
 # then run it with carry=[".whl", ".data"]:  bash scripts/gpu_checks.sh [PART ...]
-# PARTs, in the order they run: tests attn variants tiles passes train trainvariants sparsetrain gen shakespeare.
+# PARTs, in the order they run: tests attn variants tiles passes dropout train trainvariants sparsetrain gen
+# shakespeare.
 # Default: tests attn variants train gen shakespeare; "quick" = those but shakespeare. The device tool
 # stops a command at 10 minutes, and on 2026-11-23 these took: tests 1-4 min, attn 4, variants 2+, passes 1,
 # train 1, trainvariants 3, shakespeare 3, gen (GPT-3 Small, 1024 new tokens) over 2.5. Split them, e.g.
@@ -18,8 +19,9 @@ set -uo pipefail
 PARTS="${*:-tests attn variants train gen shakespeare}"
 [ "$PARTS" = quick ] && PARTS="tests attn variants train gen"
 for p in $PARTS; do
-  case $p in tests|attn|variants|tiles|passes|train|trainvariants|sparsetrain|gen|shakespeare) ;;
-    *) echo "error: unknown part '$p' (tests attn variants tiles passes train trainvariants sparsetrain gen shakespeare quick)" >&2
+  case $p in tests|attn|variants|tiles|passes|dropout|train|trainvariants|sparsetrain|gen|shakespeare) ;;
+    *) echo "error: unknown part '$p' (tests attn variants tiles passes dropout train trainvariants sparsetrain gen" \
+            "shakespeare quick)" >&2
        exit 2;; esac
 done
 OUT="${OUT:-$PWD/gpu_out}"; mkdir -p "$OUT"
@@ -74,6 +76,12 @@ for pat in "local --window 256" "strided --stride 256"; do
 done
 fi
 
+if want dropout; then
+step "attention dropout inside our kernel (kernels/dropout.py) against the same kernel without, cuDNN, the reference"
+python3 -m kernels.bench --pattern dense --seq 256 --tokens 16384 --heads 6 --head-dim 64 \
+    --impls ours,cudnn_dense,reference --dropout 0,0.2 --out "$OUT/attn_dropout" 2>&1 | tee "$OUT/attn_dropout.txt"
+fi
+
 if want train; then
 step "training benchmark (shakespeare_char, nanoGPT's config)"
 python3 -m gpt_jax.bench_train --config experiments/shakespeare_char.py \
@@ -82,12 +90,11 @@ python3 -m gpt_jax.bench_train --config experiments/shakespeare_char.py \
 fi
 
 if want trainvariants; then
-step "training step variants: dropout placement and the PRNG behind the dropout masks"
-for v in "" "--config.model.attn_dropout=0" "--config.model.attn_dropout=0 --config.model.dropout=0"; do
-  for prng in threefry2x32 unsafe_rbg; do
-    echo "$prng ${v:-as configured}: $(JAX_DEFAULT_PRNG_IMPL=$prng step_ms --config experiments/shakespeare_char.py \
-        --config.data.path=$SHAKESPEARE --iters 30 --warmup 5 $v)" | tee -a "$OUT/train_variants.txt"
-  done
+step "training step variants: attention dropout in our kernel (auto) or in XLA, and without dropout (cuDNN)"
+for v in "" "--config.attention.impl=xla" "--config.model.attn_dropout=0" \
+         "--config.model.attn_dropout=0 --config.model.dropout=0"; do
+  echo "${v:-as configured}: $(step_ms --config experiments/shakespeare_char.py \
+      --config.data.path=$SHAKESPEARE --iters 30 --warmup 5 $v)" | tee -a "$OUT/train_variants.txt"
 done
 fi
 

@@ -140,3 +140,24 @@ def test_ctas_running_several_tiles_equal_one_tile_on_gpu(monkeypatch, seq, batc
         monkeypatch.setattr(pallas_gpu, "BACKWARD_TILES", tiles)
         for name, a, b in zip(("out", "dq", "dk", "dv"), run(), one):
             np.testing.assert_array_equal(a, b, err_msg=f"{name}, tiles={tiles}")
+
+
+@pytest.mark.skipif(not _hopper(), reason="Mosaic GPU wgmma/TMA needs compute capability >= 9")
+@pytest.mark.parametrize("pattern,seq,batch,heads,head_dim", [
+    (patterns.dense(), 256, 64, 6, 64),      # shakespeare_char's attention layer, whole batch
+    (PATTERN, 2048, 2, 16, 128),             # the benchmark's pattern: the strided pass hashes positions
+], ids=["dense-256", "local_strided-2048"])
+def test_compiled_dropout_matches_reference(pattern, seq, batch, heads, head_dim):
+    """Attention dropout inside the compiled kernels drops what the float32 reference drops (same
+    seed, kernels/dropout.py's hash), forward and gradients."""
+    q, k, v, do = _inputs(seq + heads, batch, seq, heads, head_dim)
+    drop = dict(dropout_rate=0.2, dropout_seed=jnp.int32(seq * 31 + 5))
+    out, vjp = jax.vjp(lambda q, k, v: sparse_attention_gpu(q, k, v, pattern, **drop), q, k, v)
+    grads = vjp(do)
+    f32 = [x.astype(jnp.float32) for x in (q, k, v)]
+    ref, ref_vjp = jax.vjp(lambda q, k, v: kernels.reference_attention(q, k, v, pattern, **drop), *f32)
+    assert _rel(out, ref) < 1e-2, _rel(out, ref)
+    assert _rel(out, kernels.reference_attention(*f32, pattern)) > 0.1  # it did drop
+    for name, g, r in zip(("dq", "dk", "dv"), grads, ref_vjp(do.astype(jnp.float32))):
+        assert np.isfinite(np.asarray(g, np.float32)).all(), name
+        assert _rel(g, r) < 1e-2, (name, _rel(g, r))

@@ -251,6 +251,42 @@ def test_kernels_running_two_tiles_a_cta_are_race_free():
             np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32), err_msg=name)
 
 
+# (pattern, seq, heads, kv_heads, dtype, block_k, tiles, why)
+DROPOUT_CASES = [
+    (patterns.dense(), 256, 2, 1, jnp.float32, 64, 1, "dense, f32, GQA: two query tiles, two kv heads' seeds"),
+    (patterns.local(96), 256, 1, 1, jnp.bfloat16, 128, 2, "local 96, bf16, one CTA running both tiles"),
+    (patterns.local_strided(16, 16), 128, 1, 1, jnp.float32, 64, 1,
+     "local_strided in place, f32: residue-major rows hashed by position, the band's partial merged"),
+    (patterns.local_strided(16, 16), 384, 1, 1, jnp.bfloat16, 64, 1,
+     "local_strided on transposed copies, bf16: 24-row residues, the passes merged in XLA"),
+]
+
+
+@pytest.mark.parametrize("case", DROPOUT_CASES, ids=[c[-1].split(",")[0] for c in DROPOUT_CASES])
+def test_dropout_inside_the_kernels_matches_the_reference(monkeypatch, case):
+    """Attention dropout in the kernels (kernels/dropout.py's hash in registers) drops the probabilities
+    the reference drops: o, dq, dk, dv against reference_attention with the same seed; the forward
+    keeps the undropped normalizer, dq and dk/dv see dP through the mask, dv sums the kept P."""
+    from kernels import pallas_gpu
+
+    pattern, t, h, hk, dtype, bk, tiles, why = case
+    monkeypatch.setattr(pallas_gpu, "FORWARD_TILES", tiles)
+    monkeypatch.setattr(pallas_gpu, "BACKWARD_TILES", tiles)
+    seed_int = zlib.crc32(why.encode())
+    q, k, v, do = _inputs(seed_int, t, h, hk, 64, dtype)
+    seed = jnp.int32(seed_int % 2 ** 31)
+    drop = dict(dropout_rate=0.25, dropout_seed=seed)
+    out, vjp = jax.vjp(lambda q, k, v: sparse_attention_gpu(q, k, v, pattern, block_k=bk, interpret=INTERPRET,
+                                                            **drop), q, k, v)
+    f32 = [x.astype(jnp.float32) for x in (q, k, v)]
+    ref, ref_vjp = jax.vjp(lambda q, k, v: reference_attention(q, k, v, pattern, **drop), *f32)
+    tol = 1e-5 if dtype == jnp.float32 else 1e-2
+    assert _rel(out, ref) < tol, ("out", _rel(out, ref))
+    assert _rel(out, reference_attention(*f32, pattern)) > 0.1  # it did drop
+    for name, g, r in zip(("dq", "dk", "dv"), vjp(do), ref_vjp(do.astype(jnp.float32))):
+        assert _rel(g, r) < tol, (name, _rel(g, r))
+
+
 def test_unsupported_inputs_raise():
     q = jnp.zeros((1, 256, 1, 64), jnp.float32)
     with pytest.raises(UnsupportedInput, match="float32 only in interpret"):
