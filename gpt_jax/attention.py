@@ -69,17 +69,15 @@ def attend_with_dropout(q, k, v, pattern: Pattern, rate: float, key, impl: str =
 
     The mask is kernels/dropout.py's hash of (seed, batch row, head, query, key), so every
     implementation drops the same probabilities, and the [batch, heads] seeds are made before a mesh
-    splits the batch and heads: one device or many, the same mask. On a GPU (impl auto or pallas) the
-    Mosaic GPU kernels drop inside, so no [t, t] scores reach memory; elsewhere the masked reference
-    runs in XLA, meant for short contexts like shakespeare_char's 256.
+    splits the batch and heads: one device or many, the same mask. On a GPU or TPU (impl auto or
+    pallas) our Pallas kernels drop inside, so no [t, t] scores reach memory; on CPU, and for what the
+    kernels cannot take, the masked reference runs in XLA.
     Kept probabilities are scaled by 1 / (1 - rate), so the output's expectation is plain attention.
     """
     seeds = head_seeds(seed_from_key(key), q.shape[0], q.shape[2])
     if impl not in ("auto", "pallas"):
         return reference_attention(q, k, v, pattern, dropout_rate=rate, dropout_seed=seeds)
-    # Only the Mosaic GPU kernels drop probabilities so far; elsewhere the reference runs per shard.
-    kernel = "auto" if _backend() == "gpu" else "reference"
 
-    def per_device(q, k, v, seeds):
-        return kernels.sparse_attention(q, k, v, pattern, impl=kernel, dropout_rate=rate, dropout_seed=seeds)
+    def per_device(q, k, v, seeds):  # our kernel on a GPU or TPU, the reference on CPU
+        return kernels.sparse_attention(q, k, v, pattern, impl="auto", dropout_rate=rate, dropout_seed=seeds)
     return per_shard(per_device, q, k, v, seeds)

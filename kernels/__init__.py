@@ -61,11 +61,8 @@ def _run(impl, q, k, v, pattern, block_q, block_k, interpret, dropout_rate, drop
     if impl == "reference":
         return reference_attention(q, k, v, pattern, **drop)
     if impl == "pallas_tpu":
-        if dropout_rate:
-            raise UnsupportedInput("pallas_tpu does not drop attention probabilities yet; use impl='reference' "
-                                   "(kernels/dropout.py's mask) or dropout_rate=0")
         from kernels.pallas_tpu import sparse_attention_tpu
-        return sparse_attention_tpu(q, k, v, pattern, block_q=block_q, block_k=block_k, interpret=interpret)
+        return sparse_attention_tpu(q, k, v, pattern, block_q=block_q, block_k=block_k, interpret=interpret, **drop)
     if impl == "pallas_gpu":
         from kernels.pallas_gpu import sparse_attention_gpu
         return sparse_attention_gpu(q, k, v, pattern, block_q=block_q, block_k=block_k,

@@ -81,6 +81,21 @@ def head_seeds(seed, batch: int, heads: int):
     return mix(seed + mix(index))
 
 
+def positions(flat, seq_len: int, stride: int):
+    """Sequence positions of a pass's flat rows: the rows themselves (stride 0), or in a residue-major
+    pass (kernels/schedule.py: flat r*P + p holds position p*S + r, S = stride, P = T / S) mapped back,
+    so every pass hashes positions. Plain int32 ops, for XLA and inside kernels alike."""
+    if not stride:
+        return flat
+    seg = seq_len // stride
+    if seg & (seg - 1) == 0:  # a mask and a shift, not a division, for power-of-two residues
+        p, r = flat & np.int32(seg - 1), lax.shift_right_logical(flat, np.int32(seg.bit_length() - 1))
+    else:
+        full = jnp.full(flat.shape, seg, jnp.int32)
+        p, r = lax.rem(flat, full), lax.div(flat, full)
+    return p * np.int32(stride) + r
+
+
 def row_keys(head_seed, query_pos):
     return mix(head_seed ^ query_pos)
 

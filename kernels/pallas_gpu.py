@@ -150,7 +150,7 @@ def _config(p: Pass, t, block_q, block_k, interpret, kernel="fwd", dropout=None)
     residues = p.stride if in_place(p, t, (block_q, block_k)) else 0
     tiles = math.gcd(FORWARD_TILES if kernel == "fwd" else BACKWARD_TILES, t // (2 * block_q))
     common = dict(interpret=interpret, residues=residues, name=pass_name(p, t), tiles=tiles, registers=REGISTERS,
-                  dropout=dropout)
+                  dropout=dropout, residue_stride=p.stride if p.residue_major else 0)
     if kernel == "dkv":  # per-warpgroup key rows = 64 (wgmma M), streamed query blocks of block_k
         return K.PassConfig(p.mask, t, block_q=block_k, block_k=block_q, **common)
     return K.PassConfig(p.mask, t, block_q=block_q, block_k=block_k, pingpong=PINGPONG, **common)

@@ -71,6 +71,9 @@ class PassConfig:
     # position, key position); the kernels then take a [B, H] int32 array of per-head seeds
     # (dropout.head_seeds) as their last input.
     dropout: object = None
+    # A residue-major pass's stride S (flat row r*P + p is position p*S + r; in place or on transposed
+    # copies), 0 for the natural layout: what maps the dropout hash's rows to positions.
+    residue_stride: int = 0
 
     def dims(self, x):
         """(batch, seq, heads, head_dim) of a [B, T, H, D] operand, however it arrived."""
@@ -144,27 +147,13 @@ def dropout_keep(cfg: PassConfig, head_seed, queries0, keys0, shape, transposed=
 
     def positions(dim, first):  # the tile's rows (dim 0) or columns (dim 1) as a vector of positions
         flat = first + plgpu.broadcasted_iota(jnp.int32, (shape[dim],), 0, layout=plgpu.Layout.WGMMA.reduce(1 - dim))
-        return sequence_positions(cfg, flat)
+        return dropout_hash.positions(flat, cfg.seq_len, cfg.residue_stride)
 
     def spread(x, dim):
         return (per_row if dim == 0 else per_col)(x, shape)
 
     row_keys = spread(dropout_hash.row_keys(head_seed, positions(qdim, queries0)), qdim)
     return dropout_hash.keep(row_keys, spread(positions(kdim, keys0), kdim), cfg.dropout)
-
-
-def sequence_positions(cfg: PassConfig, flat):
-    """Positions of a pass's flat rows: the rows themselves, or in a residue-major pass (segments of
-    P = mask.seg_len rows, one a residue of S = T / P) flat r*P + p, which holds position p*S + r."""
-    P = cfg.mask.seg_len
-    if P >= cfg.seq_len:
-        return flat
-    if P & (P - 1) == 0:
-        p, r = jnp.bitwise_and(flat, P - 1), lax.shift_right_logical(flat, P.bit_length() - 1)
-    else:
-        full = jnp.full(flat.shape, P, jnp.int32)
-        p, r = lax.rem(flat, full), lax.div(flat, full)
-    return p * (cfg.seq_len // P) + r
 
 
 def per_row(x, shape):

@@ -28,8 +28,9 @@ import jax
 import jax.numpy as jnp
 from jax.experimental.pallas import tpu as pltpu
 
+from kernels.dropout import Dropout, head_seeds
 from kernels.errors import UnsupportedInput, check_pattern_and_shapes
-from kernels.pallas_tpu_kernels import pass_backward, pass_forward
+from kernels.pallas_tpu_kernels import PassDropout, pass_backward, pass_forward
 from kernels.pallas_tpu_layout import LANES, TileLayout, heads_per_block
 from kernels.patterns import Pattern
 from kernels.platform import target_platform
@@ -121,6 +122,12 @@ class PassPlan:
             x = jnp.pad(x, ((0, 0), (0, self.kv_layout.seq_len - x.shape[1]), (0, 0), (0, 0)))
         return self.kv_layout.to(x)
 
+    def dropout(self, dropout: Dropout | None) -> PassDropout | None:
+        """What this pass's kernels need to drop probabilities: the rate and how flat rows map to positions."""
+        if dropout is None:
+            return None
+        return PassDropout(dropout, self.p.stride if self.p.residue_major else 0)
+
     def add_key_grads(self, acc, g, heads: int):
         """Gradient g of this pass's keys (kv_layout, per query head) added at their natural positions of
         acc [B, T, H, D] f32 (None when this is the first pass)."""
@@ -164,7 +171,7 @@ def _layouts(t, stride, n_keys, d, bq, bk, heads, kv_heads) -> tuple[TileLayout,
     return q_layout, kv_layout
 
 
-def _forward(q, k, v, pattern, block_q, block_k, interpret):
+def _forward(q, k, v, pattern, block_q, block_k, interpret, dropout=None, seeds=None):
     """q: [B, T, H, D], k/v: [B, T, Hk, D] -> o [B, T, H, D] in q.dtype, lse [B, H, T] f32.
     Each pass after the first starts from the previous passes' (o, lse), so the last one writes the
     merged output; in place, no [B, T, H, D] array is copied on the way (on a TPU, kernels.tpu_compile
@@ -178,12 +185,13 @@ def _forward(q, k, v, pattern, block_q, block_k, interpret):
         partial = None if o is None else (lay.to(o), lay.lanes_to(lse))
         o_p, lse_p = pass_forward(lay.to(q), pp.keys(k), pp.keys(v), pp.p.mask, lay, kv_layout=pp.kv_layout,
                                   batch=b, heads=h, kv_heads=k.shape[2], block_q=pp.block_q, block_k=pp.block_k,
-                                  out_dtype=q.dtype if last else jnp.float32, partial=partial, interpret=interpret)
+                                  out_dtype=q.dtype if last else jnp.float32, partial=partial, interpret=interpret,
+                                  drop=pp.dropout(dropout), seeds=seeds)
         o, lse = lay.back(o_p, h), lay.lanes_back(lse_p)
     return o, lse
 
 
-def _backward(q, k, v, o, lse, do, pattern, block_q, block_k, interpret):
+def _backward(q, k, v, o, lse, do, pattern, block_q, block_k, interpret, dropout=None, seeds=None):
     """Gradients from the merged (o, lse): each pass is a flash-attention backward over its own keys,
     and each pass after the first adds the earlier passes' f32 gradients before writing (dk, dv of
     fixed's gathered summary keys are added at their positions by XLA instead)."""
@@ -203,7 +211,8 @@ def _backward(q, k, v, o, lse, do, pattern, block_q, block_k, interpret):
             dq_dtype=q.dtype if last else jnp.float32,
             dkv_dtype=k.dtype if last and hk == h and not pp.p.gathers_keys else jnp.float32,
             dq_partial=None if dq is None else lay.to(dq),
-            dkv_partial=(pp.kv_layout.to(dk), pp.kv_layout.to(dv)) if chain_dkv else None, interpret=interpret)
+            dkv_partial=(pp.kv_layout.to(dk), pp.kv_layout.to(dv)) if chain_dkv else None, interpret=interpret,
+            drop=pp.dropout(dropout), seeds=seeds)
         dq = lay.back(dq_p, h)
         dk = pp.add_key_grads(None if chain_dkv else dk, dk_p, h)
         dv = pp.add_key_grads(None if chain_dkv else dv, dv_p, h)
@@ -215,40 +224,49 @@ def _backward(q, k, v, o, lse, do, pattern, block_q, block_k, interpret):
 
 # ------------------------------------------------------------------------------------------ public API
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
-def _attention(q, k, v, pattern, block_q, block_k, interpret):
-    return _forward(q, k, v, pattern, block_q, block_k, interpret)[0]
+# seeds: [B, H] int32 per-head dropout seeds (zeros without dropout); no gradient.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
+def _attention(q, k, v, seeds, pattern, block_q, block_k, interpret, dropout):
+    return _forward(q, k, v, pattern, block_q, block_k, interpret, dropout, seeds)[0]
 
 
-def _attention_fwd(q, k, v, pattern, block_q, block_k, interpret):
-    o, lse = _forward(q, k, v, pattern, block_q, block_k, interpret)
-    return o, (q, k, v, o, lse)
+def _attention_fwd(q, k, v, seeds, pattern, block_q, block_k, interpret, dropout):
+    o, lse = _forward(q, k, v, pattern, block_q, block_k, interpret, dropout, seeds)
+    return o, (q, k, v, seeds, o, lse)
 
 
-def _attention_bwd(pattern, block_q, block_k, interpret, res, do):
-    return _backward(*res, do, pattern, block_q, block_k, interpret)
+def _attention_bwd(pattern, block_q, block_k, interpret, dropout, res, do):
+    q, k, v, seeds, o, lse = res
+    return *_backward(q, k, v, o, lse, do, pattern, block_q, block_k, interpret, dropout, seeds), None
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 def sparse_attention_tpu(q, k, v, pattern: Pattern, *, block_q: int | None = None,
-                         block_k: int | None = None, interpret=None):
+                         block_k: int | None = None, interpret=None, dropout_rate: float = 0.0, dropout_seed=None):
     """Causal sparse attention on TPU. q: [B, T, H, D], k/v: [B, T, Hk, D] -> [B, T, H, D] in q.dtype.
 
     block_q/block_k default to `default_block_for(pattern, T)`; the strided pass shrinks them with
     `residue_pass_block`. interpret: None runs the
     TPU interpreter (pltpu.InterpretParams()) off-TPU and compiles on TPU; True/False/InterpretParams
-    force it.
+    force it. dropout_rate > 0: probabilities dropped inside the kernels by kernels/dropout.py's hash
+    of (dropout_seed: an int32 scalar or [B, H] seeds, batch row, head, query, key position).
     """
     t = q.shape[1]
     block_q = block_q or default_block_for(pattern, t)
     block_k = block_k or default_block_for(pattern, t)
     check_supported(q, k, v, pattern, block_q, block_k)
+    dropout = Dropout(dropout_rate) if dropout_rate else None
+    if dropout and pattern.kind == "fixed":
+        raise UnsupportedInput("pallas_tpu does not drop attention probabilities of the fixed pattern (its summary "
+                               "pass gathers keys); use impl='reference' or dropout_rate=0")
+    b, _, h, _ = q.shape
+    seeds = head_seeds(dropout_seed, b, h) if dropout else jnp.zeros((b, h), jnp.int32)
     if interpret is None:
         interpret = target_platform() != "tpu"
     if interpret is False:
         check_compiled_blocks(plan_passes(pattern, q, k, block_q, block_k))
     if interpret is True:
         interpret = pltpu.InterpretParams()
-    return _attention(q, k, v, pattern, block_q, block_k, interpret or False)
+    return _attention(q, k, v, seeds, pattern, block_q, block_k, interpret or False, dropout)

@@ -31,6 +31,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from kernels import dropout as dropout_hash
 from kernels.pallas_tpu_heads import TileHeads, column, lanes, row
 from kernels.pallas_tpu_layout import SUBLANES, TileLayout, lanes_spec
 from kernels.schedule import FULL, PARTIAL, DiagonalMask, SummaryMask, forward_schedule, transposed_schedule
@@ -60,6 +61,50 @@ def _visible(mask: DiagonalMask | SummaryMask, seq_len: int, r0, c0, rows: int, 
     if mask.seg_len < seq_len:  # packed residues: block-diagonal
         vis = vis & (lax.div(i, mask.seg_len) == lax.div(j, mask.seg_len))
     return vis
+
+
+def _dropout_keep(drop, seeds_ref, tile: TileHeads, j: int, seq_len: int, r0, c0, rows: int, cols: int,
+                  transposed=False):
+    """Head j's dropout mask of a [rows, cols] score tile, queries from r0 and keys from c0 ([cols,
+    rows] when transposed): kernels/dropout.py's bits for the head's seed (seeds_ref: `seeds_in_smem`'s
+    block) and the tile's sequence positions."""
+    head_seed = seeds_ref[pl.program_id(0) % SUBLANES, pl.program_id(1) * tile.heads + j]
+    q_shape, k_shape = ((1, rows), (cols, 1)) if transposed else ((rows, 1), (1, cols))
+    qpos = dropout_hash.positions(r0 + lax.broadcasted_iota(jnp.int32, q_shape, 1 if transposed else 0),
+                                  seq_len, drop.stride)
+    kpos = dropout_hash.positions(c0 + lax.broadcasted_iota(jnp.int32, k_shape, 0 if transposed else 1),
+                                  seq_len, drop.stride)
+    return dropout_hash.keep(dropout_hash.row_keys(head_seed, qpos), kpos, drop.dropout)
+
+
+@dataclasses.dataclass(frozen=True)
+class PassDropout:
+    """Attention dropout in one pass's kernels: the rate, and the residue-major stride that maps the
+    pass's flat rows to positions (0: natural layout). Kept probabilities are scaled by 1 / (1 - rate)
+    as they are used, so partials chain and the epilogues stay those of plain attention."""
+    dropout: dropout_hash.Dropout
+    stride: int = 0
+
+    def drop(self, keep, x):
+        return jnp.where(keep, x * self.dropout.scale, 0.0)
+
+
+def seeds_in_smem(seeds):
+    """([B, H] int32 seeds as the kernels take them, their BlockSpec): padded to [8k, 128m] so that a
+    step's block is the (8, 128m) one holding its batch row, in SMEM (read as scalars), a few KiB
+    whatever the batch."""
+    b, h = seeds.shape
+    padded = jnp.pad(seeds, ((0, -b % SUBLANES), (0, -h % 128)))
+    return padded, pl.BlockSpec((SUBLANES, padded.shape[1]), lambda b, h, s, *_: (b // SUBLANES, 0),
+                                memory_space=pltpu.SMEM)
+
+
+def _seed_inputs(drop, seeds):
+    """(extra kernel inputs, their BlockSpecs) for attention dropout: none without it."""
+    if not drop:
+        return [], []
+    padded, spec = seeds_in_smem(seeds)
+    return [padded], [spec]
 
 
 def _when_visited(kind, body):
@@ -95,11 +140,11 @@ def _kv_head(layout: TileLayout, group: int):
 # --------------------------------------------------------------------------------------------- forward
 
 def _fwd_kernel(rows_ref, cols_ref, kind_ref, first_ref, last_ref, q_ref, k_ref, v_ref, *refs, mask, seq_len,
-                block_q, block_k, scale, tile: TileHeads, has_partial):
-    if has_partial:
-        o_part_ref, lse_part_ref, o_ref, lse_ref, m_sc, l_sc, acc_sc = refs
-    else:
-        o_ref, lse_ref, m_sc, l_sc, acc_sc = refs
+                block_q, block_k, scale, tile: TileHeads, has_partial, drop: PassDropout | None):
+    refs = list(refs)
+    o_part_ref, lse_part_ref = (refs.pop(0), refs.pop(0)) if has_partial else (None, None)
+    seeds_ref = refs.pop(0) if drop else None
+    o_ref, lse_ref, m_sc, l_sc, acc_sc = refs
     s = pl.program_id(2)
     qt, kb = rows_ref[s], cols_ref[s]
 
@@ -131,8 +176,11 @@ def _fwd_kernel(rows_ref, cols_ref, kind_ref, first_ref, last_ref, q_ref, k_ref,
             if apply_mask:  # a row with no visible key in this tile must add nothing
                 p = jnp.where(vis, p, 0.0)
             alpha = jnp.exp(m_prev - m_new)
-            l_sc[j] = alpha * l_sc[j] + p.sum(axis=1, keepdims=True)
+            l_sc[j] = alpha * l_sc[j] + p.sum(axis=1, keepdims=True)  # every probability, dropped or not
             m_sc[j] = m_new
+            if drop:  # O takes the kept ones, scaled
+                keep = _dropout_keep(drop, seeds_ref, tile, j, seq_len, qt * block_q, kb * block_k, block_q, block_k)
+                p = drop.drop(keep, p)
             acc_sc[j] = alpha * acc_sc[j] + _dot(p.astype(v.dtype), v)
 
     _when_visited(kind_ref[s], update)
@@ -148,10 +196,12 @@ def _fwd_kernel(rows_ref, cols_ref, kind_ref, first_ref, last_ref, q_ref, k_ref,
 
 
 def pass_forward(q, k, v, mask: DiagonalMask | SummaryMask, layout: TileLayout, *, batch, heads, kv_heads,
-                 block_q, block_k, out_dtype, kv_layout: TileLayout | None = None, partial=None, interpret=False):
+                 block_q, block_k, out_dtype, kv_layout: TileLayout | None = None, partial=None, interpret=False,
+                 drop: PassDropout | None = None, seeds=None):
     """One pass's forward. q and partial[0] in `layout`, k and v in `kv_layout` (default: `layout`);
     partial[1] and the returned lse are lane-dense, [B, H, 8, T] float32 in the pass's order
-    (`TileLayout.lanes_to`). Returns (o in `layout`, out_dtype; lse)."""
+    (`TileLayout.lanes_to`). Returns (o in `layout`, out_dtype; lse). drop, seeds ([B, H] int32):
+    attention dropout; lse stays that of the undropped probabilities."""
     t, d = layout.seq_len, layout.head_dim
     kv_layout = kv_layout or layout
     tile = _tile(layout, kv_layout)
@@ -159,9 +209,10 @@ def pass_forward(q, k, v, mask: DiagonalMask | SummaryMask, layout: TileLayout, 
     q_spec = layout.spec(block_q, OWN, lambda h: h)
     kv_spec = kv_layout.spec(block_k, OTHER, _kv_head(kv_layout, heads // kv_heads))
     lse_spec = lanes_spec(block_q, tile.heads, OWN)
-    in_specs = [q_spec, kv_spec, kv_spec] + ([q_spec, lse_spec] if partial is not None else [])
+    seed_args, seed_specs = _seed_inputs(drop, seeds)
+    in_specs = [q_spec, kv_spec, kv_spec] + ([q_spec, lse_spec] if partial is not None else []) + seed_specs
     kernel = functools.partial(_fwd_kernel, mask=mask, seq_len=t, block_q=block_q, block_k=block_k,
-                               scale=d ** -0.5, tile=tile, has_partial=partial is not None)
+                               scale=d ** -0.5, tile=tile, has_partial=partial is not None, drop=drop)
     return pl.pallas_call(
         kernel,
         grid_spec=pltpu.PrefetchScalarGridSpec(
@@ -173,17 +224,17 @@ def pass_forward(q, k, v, mask: DiagonalMask | SummaryMask, layout: TileLayout, 
         out_shape=[jax.ShapeDtypeStruct(layout.shape(batch, heads), out_dtype),
                    jax.ShapeDtypeStruct((batch, heads, SUBLANES, t), jnp.float32)],
         compiler_params=SEMANTICS, interpret=interpret, name="sparse_attention_fwd",
-    )(*map(jnp.asarray, visits.prefetch()), q, k, v, *(partial or ()))
+    )(*map(jnp.asarray, visits.prefetch()), q, k, v, *(partial or ()), *seed_args)
 
 
 # -------------------------------------------------------------------------------------------- backward
 
 def _dq_kernel(rows_ref, cols_ref, kind_ref, first_ref, last_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
-               *refs, mask, seq_len, block_q, block_k, scale, tile: TileHeads, has_partial):
-    if has_partial:
-        dq_part_ref, dq_ref, dq_sc = refs
-    else:
-        dq_ref, dq_sc = refs
+               *refs, mask, seq_len, block_q, block_k, scale, tile: TileHeads, has_partial, drop: PassDropout | None):
+    refs = list(refs)
+    dq_part_ref = refs.pop(0) if has_partial else None
+    seeds_ref = refs.pop(0) if drop else None
+    dq_ref, dq_sc = refs
     s = pl.program_id(2)
     qt, kb = rows_ref[s], cols_ref[s]
 
@@ -200,6 +251,9 @@ def _dq_kernel(rows_ref, cols_ref, kind_ref, first_ref, last_ref, q_ref, k_ref, 
             if apply_mask:
                 p = jnp.where(vis, p, 0.0)
             dp = _dot_t(tile.q(do_ref, j), v)
+            if drop:  # dP through the dropout
+                keep = _dropout_keep(drop, seeds_ref, tile, j, seq_len, qt * block_q, kb * block_k, block_q, block_k)
+                dp = drop.drop(keep, dp)
             ds = p * (dp - column(delta_ref, j))
             dq_sc[j] += _dot(ds.astype(k.dtype), k)
 
@@ -215,11 +269,11 @@ def _dq_kernel(rows_ref, cols_ref, kind_ref, first_ref, last_ref, q_ref, k_ref, 
 
 
 def _dkv_kernel(rows_ref, cols_ref, kind_ref, first_ref, last_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
-                *refs, mask, seq_len, block_q, block_k, scale, tile: TileHeads, has_partial):
-    if has_partial:
-        dk_part_ref, dv_part_ref, dk_ref, dv_ref, dk_sc, dv_sc = refs
-    else:
-        dk_ref, dv_ref, dk_sc, dv_sc = refs
+                *refs, mask, seq_len, block_q, block_k, scale, tile: TileHeads, has_partial, drop: PassDropout | None):
+    refs = list(refs)
+    dk_part_ref, dv_part_ref = (refs.pop(0), refs.pop(0)) if has_partial else (None, None)
+    seeds_ref = refs.pop(0) if drop else None
+    dk_ref, dv_ref, dk_sc, dv_sc = refs
     s = pl.program_id(2)
     kt, qb = rows_ref[s], cols_ref[s]
 
@@ -237,8 +291,13 @@ def _dkv_kernel(rows_ref, cols_ref, kind_ref, first_ref, last_ref, q_ref, k_ref,
             p = jnp.exp(_dot_t(k, q) * scale - row(lse_ref, j))
             if apply_mask:
                 p = jnp.where(vis, p, 0.0)
-            dv_sc[j] += _dot(p.astype(do.dtype), do)
             dp = _dot_t(v, do)
+            p_kept = p
+            if drop:  # dV sums the kept probabilities, dP goes through the dropout
+                keep = _dropout_keep(drop, seeds_ref, tile, j, seq_len, qb * block_q, kt * block_k, block_q, block_k,
+                                     transposed=True)
+                p_kept, dp = drop.drop(keep, p), drop.drop(keep, dp)
+            dv_sc[j] += _dot(p_kept.astype(do.dtype), do)
             ds = p * (dp - row(delta_ref, j))
             dk_sc[j] += _dot(ds.astype(q.dtype), q)
 
@@ -256,7 +315,7 @@ def _dkv_kernel(rows_ref, cols_ref, kind_ref, first_ref, last_ref, q_ref, k_ref,
 
 def pass_backward(q, k, v, do, lse, delta, mask: DiagonalMask | SummaryMask, layout: TileLayout, *, batch, heads,
                   kv_heads, block_q, block_k, dq_dtype, dkv_dtype, kv_layout: TileLayout | None = None,
-                  dq_partial=None, dkv_partial=None, interpret=False):
+                  dq_partial=None, dkv_partial=None, interpret=False, drop: PassDropout | None = None, seeds=None):
     """Gradients of one pass. q, do, dq_partial in `layout`; k, v in `kv_layout` (default: `layout`);
     dkv_partial in `kv_layout` with the query heads; lse, delta lane-dense, [B, H, 8, T] f32 in the pass's
     order (`TileLayout.lanes_to`). The partials (None or the earlier passes' f32 dq, and (dk, dv) per
@@ -268,7 +327,8 @@ def pass_backward(q, k, v, do, lse, delta, mask: DiagonalMask | SummaryMask, lay
     kv_head = _kv_head(kv_layout, heads // kv_heads)
     dkv_layout = dataclasses.replace(kv_layout, heads_per_block=tile.heads)  # per query head
     static = dict(mask=mask, seq_len=t, block_q=block_q, block_k=block_k, scale=layout.head_dim ** -0.5,
-                  tile=tile)
+                  tile=tile, drop=drop)
+    seed_args, seed_specs = _seed_inputs(drop, seeds)
     prefetch = lambda visits: tuple(map(jnp.asarray, visits.prefetch()))  # noqa: E731
 
     fwd = forward_schedule(mask, t, block_q, block_k, n_keys).visits()
@@ -279,12 +339,13 @@ def pass_backward(q, k, v, do, lse, delta, mask: DiagonalMask | SummaryMask, lay
         functools.partial(_dq_kernel, has_partial=dq_partial is not None, **static),
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=5, grid=(batch, heads // tile.heads, len(fwd)),
-            in_specs=[q_row, kv_col, kv_col, q_row, stat_row, stat_row] + ([q_row] if dq_partial is not None else []),
+            in_specs=([q_row, kv_col, kv_col, q_row, stat_row, stat_row] + ([q_row] if dq_partial is not None else [])
+                      + seed_specs),
             out_specs=q_row,
             scratch_shapes=[pltpu.VMEM(layout.tile_shape(block_q), jnp.float32)]),
         out_shape=jax.ShapeDtypeStruct(layout.shape(batch, heads), dq_dtype),
         compiler_params=SEMANTICS, interpret=interpret, name="sparse_attention_dq",
-    )(*prefetch(fwd), q, k, v, do, lse, delta, *([dq_partial] if dq_partial is not None else []))
+    )(*prefetch(fwd), q, k, v, do, lse, delta, *([dq_partial] if dq_partial is not None else []), *seed_args)
 
     bwd = transposed_schedule(mask, t, block_q, block_k, n_keys).visits()
     q_col = layout.spec(block_q, OTHER, lambda h: h)
@@ -295,10 +356,10 @@ def pass_backward(q, k, v, do, lse, delta, mask: DiagonalMask | SummaryMask, lay
         functools.partial(_dkv_kernel, has_partial=dkv_partial is not None, **static),
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=5, grid=(batch, heads // tile.heads, len(bwd)),
-            in_specs=[q_col, kv_row, kv_row, q_col, stat_col, stat_col] + [dkv_row] * len(dkv_partial or ()),
+            in_specs=[q_col, kv_row, kv_row, q_col, stat_col, stat_col] + [dkv_row] * len(dkv_partial or ()) + seed_specs,
             out_specs=[dkv_row, dkv_row],
             scratch_shapes=[pltpu.VMEM(dkv_layout.tile_shape(block_k), jnp.float32)] * 2),
         out_shape=[jax.ShapeDtypeStruct(dkv_layout.shape(batch, heads), dkv_dtype)] * 2,
         compiler_params=SEMANTICS, interpret=interpret, name="sparse_attention_dkv",
-    )(*prefetch(bwd), q, k, v, do, lse, delta, *(dkv_partial or ()))
+    )(*prefetch(bwd), q, k, v, do, lse, delta, *(dkv_partial or ()), *seed_args)
     return dq, dk, dv

@@ -71,6 +71,20 @@ def test_benchmark_shape_compiles_for_an_h100_without_spills_in_the_forward(tmp_
 
 
 @pytest.mark.gpu_aot
+def test_attention_dropout_kernels_compile_for_an_h100_without_spills_at_shakespeares_shape(tmp_path):
+    """shakespeare_char's attention layer (batch 64, T = 256, 6 heads of 64) with dropout in the kernels:
+    the hash's integer work fits the registers (kernels/NOTES.md: no spills with or without it)."""
+    out = tmp_path / "k.json"
+    subprocess.run([sys.executable, "-m", "kernels.gpu_compile", "--pattern", "dense", "--seq", "256", "--tokens",
+                    "16384", "--heads", "6", "--head-dim", "64", "--dropout", "0.2", "--out", str(out)],
+                   check=True, capture_output=True)
+    rows = {r["name"]: r for r in json.loads(out.read_text())}
+    assert sorted(rows) == ["dkv_causal", "dq_causal", "fwd_causal"]
+    for r in rows.values():
+        assert r["spill_stores"] == r["spill_loads"] == 0, r
+
+
+@pytest.mark.gpu_aot
 def test_plan_compiles_the_sparse_train_step_for_h100s():
     """gpt_jax.plan --compile_for h100: the sharded train step of a GPT-3-style model with one
     local+strided layer launches its six Mosaic GPU kernels (forward: band and strided passes; backward:

@@ -83,6 +83,30 @@ def test_forward_and_gradients_match_reference_f32(case):
         assert _rel(g, r) < 1e-5, f"d{name}"
 
 
+# (pattern, batch, seq, heads, kv_heads, head_dim, block_q, block_k, why)
+DROPOUT_CASES = [
+    (patterns.dense(), 1, 64, 2, 1, 32, 16, 16, "dense causal, GQA"),
+    (patterns.local_strided(16, 8), 1, 128, 2, 2, 64, 32, 16,
+     "local_strided in place: residue-major rows hashed by position, the band's partial chained"),
+]
+
+
+@pytest.mark.parametrize("case", DROPOUT_CASES, ids=[c[-1].split(":")[0] for c in DROPOUT_CASES])
+def test_dropout_inside_the_kernels_matches_the_reference(case):
+    """Attention dropout in the TPU kernels (kernels/dropout.py's hash, per head of a grid step's
+    heads, seeds from SMEM) drops what the reference drops: o, dq, dk, dv with the same seed."""
+    pattern, b, t, h, hk, d, bq, bk, why = case
+    q, k, v, do = _inputs(zlib.crc32(why.encode()), b, t, h, hk, d, jnp.float32)
+    drop = dict(dropout_rate=0.25, dropout_seed=jnp.int32(zlib.crc32(why.encode()) % 2 ** 31))
+    out, vjp = jax.vjp(lambda q, k, v: sparse_attention_tpu(q, k, v, pattern, block_q=bq, block_k=bk,
+                                                            interpret=INTERPRET, **drop), q, k, v)
+    ref, ref_vjp = jax.vjp(lambda q, k, v: reference_attention(q, k, v, pattern, **drop), q, k, v)
+    assert _rel(out, ref) < 1e-5
+    assert _rel(out, reference_attention(q, k, v, pattern)) > 0.1  # it did drop
+    for name, g, r in zip("qkv", vjp(do), ref_vjp(do)):
+        assert _rel(g, r) < 1e-5, f"d{name}"
+
+
 def test_bfloat16_through_sparse_attention():
     pattern = patterns.local_strided(32, 32)
     q, k, v, do = _inputs(7, 1, 128, 2, 2, 64, jnp.bfloat16)

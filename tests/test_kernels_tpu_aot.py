@@ -69,3 +69,25 @@ def test_plan_compiles_a_sharded_train_step_for_a_two_chip_slice(capsys):
     head = next(line for line in lines if line.startswith("compiled for 2 x v5e"))
     assert head.endswith("9 Pallas kernel launches a step")  # dense: 3 kernels, local_strided: 6
     assert "fits in 16 GiB of v5e HBM" in lines[-1]
+
+
+@pytest.mark.parametrize("pattern,seq,heads,head_dim", [
+    (patterns.dense(), 256, 6, 64),                     # shakespeare_char's layer
+    (patterns.local_strided(256, 256), 2048, 16, 128),  # the benchmark's, its strided pass hashing positions
+], ids=["dense", "local_strided"])
+def test_kernels_with_attention_dropout_compile(pattern, seq, heads, head_dim):
+    """The dropout hash's int32 multiplies, xors and shifts on vectors and the seeds' SMEM blocks are
+    what Mosaic TPU compiles (the interpreter runs anything)."""
+    import jax
+    import jax.numpy as jnp
+
+    from kernels.pallas_tpu import sparse_attention_tpu
+    from kernels.tpu_compile import compile_for, kernel_count
+
+    def loss(q, k, v, seed):
+        o = sparse_attention_tpu(q, k, v, pattern, interpret=False, dropout_rate=0.2, dropout_seed=seed)
+        return jnp.sum(o.astype(jnp.float32))
+
+    x = jax.ShapeDtypeStruct((TOKENS // seq, seq, heads, head_dim), jnp.bfloat16)
+    compiled = compile_for("v5e", jax.grad(loss, argnums=(0, 1, 2)), x, x, x, jax.ShapeDtypeStruct((), jnp.int32))
+    assert kernel_count(compiled.as_text()) == 3 * (2 if pattern.kind == "local_strided" else 1)
