@@ -15,7 +15,6 @@ device's shard of the batch and heads (gpt_jax/kernel_sharding.py).
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 
 import kernels
 from gpt_jax.kernel_sharding import per_shard

@@ -22,14 +22,13 @@ for CUDA on CPU, and compiled and checked against the float32 reference on an H1
 
 from __future__ import annotations
 
-import functools
 import math
 
-import jax
 import jax.numpy as jnp
 
 from kernels.dropout import Dropout, head_seeds
 from kernels.errors import UnsupportedInput, check_pattern_and_shapes
+from kernels.flash_vjp import flash_vjp
 from kernels.patterns import Pattern
 from kernels.schedule import Pass, merge_partials, passes_for
 
@@ -222,24 +221,8 @@ def _backward(q, k, v, o, lse, do, pattern, block_q, block_k, interpret, dropout
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
 
-# seeds: [B, H] int32 per-head dropout seeds (an array of zeros without dropout); no gradient.
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
-def _attention(q, k, v, seeds, pattern, block_q, block_k, interpret, dropout):
-    return _forward(q, k, v, pattern, block_q, block_k, interpret, dropout, seeds)[0]
-
-
-def _attention_fwd(q, k, v, seeds, pattern, block_q, block_k, interpret, dropout):
-    o, lse = _forward(q, k, v, pattern, block_q, block_k, interpret, dropout, seeds)
-    return o, (q, k, v, seeds, o, lse)
-
-
-def _attention_bwd(pattern, block_q, block_k, interpret, dropout, res, do):
-    q, k, v, seeds, o, lse = res
-    dq, dk, dv = _backward(q, k, v, o, lse, do, pattern, block_q, block_k, interpret, dropout, seeds)
-    return dq, dk, dv, None
-
-
-_attention.defvjp(_attention_fwd, _attention_bwd)
+# attention(q, k, v, seeds, pattern, block_q, block_k, interpret, dropout): seeds [B, H] int32, no gradient
+_attention = flash_vjp(_forward, _backward)
 
 
 def sparse_attention_gpu(q, k, v, pattern: Pattern, *, block_q: int | None = None, block_k: int | None = None,

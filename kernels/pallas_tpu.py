@@ -22,14 +22,13 @@ j // group; dk/dv are computed per query head and summed over each group in XLA.
 from __future__ import annotations
 
 import dataclasses
-import functools
 
-import jax
 import jax.numpy as jnp
 from jax.experimental.pallas import tpu as pltpu
 
 from kernels.dropout import Dropout, head_seeds
 from kernels.errors import UnsupportedInput, check_pattern_and_shapes
+from kernels.flash_vjp import flash_vjp
 from kernels.pallas_tpu_kernels import PassDropout, pass_backward, pass_forward
 from kernels.pallas_tpu_layout import LANES, TileLayout, heads_per_block
 from kernels.patterns import Pattern
@@ -224,23 +223,8 @@ def _backward(q, k, v, o, lse, do, pattern, block_q, block_k, interpret, dropout
 
 # ------------------------------------------------------------------------------------------ public API
 
-# seeds: [B, H] int32 per-head dropout seeds (zeros without dropout); no gradient.
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
-def _attention(q, k, v, seeds, pattern, block_q, block_k, interpret, dropout):
-    return _forward(q, k, v, pattern, block_q, block_k, interpret, dropout, seeds)[0]
-
-
-def _attention_fwd(q, k, v, seeds, pattern, block_q, block_k, interpret, dropout):
-    o, lse = _forward(q, k, v, pattern, block_q, block_k, interpret, dropout, seeds)
-    return o, (q, k, v, seeds, o, lse)
-
-
-def _attention_bwd(pattern, block_q, block_k, interpret, dropout, res, do):
-    q, k, v, seeds, o, lse = res
-    return *_backward(q, k, v, o, lse, do, pattern, block_q, block_k, interpret, dropout, seeds), None
-
-
-_attention.defvjp(_attention_fwd, _attention_bwd)
+# attention(q, k, v, seeds, pattern, block_q, block_k, interpret, dropout): seeds [B, H] int32, no gradient
+_attention = flash_vjp(_forward, _backward)
 
 
 def sparse_attention_tpu(q, k, v, pattern: Pattern, *, block_q: int | None = None,
