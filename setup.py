@@ -27,7 +27,7 @@ setup(
     packages=find_packages(include=["gpt_jax", "gpt_jax.*", "kernels", "kernels.*"]),
     install_requires=INSTALL_REQUIRES,
     extras_require={
-        "dev": ["pytest==9.2.0", "nbclient==0.11.0", "nbformat==5.11.1", "ipykernel==7.4.0"],
+        "dev": ["pytest==9.2.0", "pytest-xdist==3.8.0", "nbclient==0.11.0", "nbformat==5.11.1", "ipykernel==7.4.0"],
         "gpu": ["jax[cuda13]==0.11.2"],
         # kernels.gpu_compile: compile the GPU kernels for an H100 on any x86-64 machine (nvdisasm:
         # Mosaic GPU's dumps disassemble what ptxas built)

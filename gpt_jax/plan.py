@@ -202,6 +202,9 @@ def compiled_report(config, mesh: dict[str, int], chip: str) -> str:
         if "RESOURCE_EXHAUSTED" not in str(e):
             raise
         return f"{head}: does NOT fit: {str(e).strip().splitlines()[0]}"
+    from kernels.tpu_compile import FREE_OPS, data_ops
+    # every top-level op's results, kernels and library calls included: what one step writes to memory
+    written = sum(n for _, _, n in data_ops(compiled.as_text(), free=FREE_OPS - {"custom-call"}))
     m = compiled.memory_analysis()
     # the state is donated: its outputs reuse the argument buffers (alias), so the peak is about
     # arguments + outputs - aliased + temporaries
@@ -213,7 +216,9 @@ def compiled_report(config, mesh: dict[str, int], chip: str) -> str:
         f"  temporaries                     {m.temp_size_in_bytes / GIB:10.2f} GiB",
         f"  outputs not aliased to inputs   {(m.output_size_in_bytes - m.alias_size_in_bytes) / GIB:10.2f} GiB",
         f"  total                           {peak / GIB:10.2f} GiB: {verdict} in {hbm_gib} GiB "
-        f"of {chip} memory (XLA's figure for the compiled step)"])
+        f"of {chip} memory (XLA's figure for the compiled step)",
+        f"  written a step                  {written / GIB:10.2f} GiB per chip (the results of the compiled "
+        f"step's ops, kernels included)"])
 
 
 def _define_flags(fv):

@@ -89,9 +89,9 @@ def _array_bytes(type_text: str) -> int:
     return total
 
 
-def data_ops(hlo_text: str) -> list[tuple[str, str, int]]:
+def data_ops(hlo_text: str, free=FREE_OPS) -> list[tuple[str, str, int]]:
     """(opcode, result type, bytes written) of the top-level ops of the compiled entry computation
-    that write array data outside the kernels (FREE_OPS excluded)."""
+    that write array data outside the kernels (the opcodes in `free` excluded)."""
     entry = hlo_text[hlo_text.index("\nENTRY"):]
     ops = []
     for line in entry.splitlines()[1:]:
@@ -109,7 +109,7 @@ def data_ops(hlo_text: str) -> list[tuple[str, str, int]]:
         else:
             type_text, _, rest = rest.partition(" ")
         opcode = rest.split("(", 1)[0]
-        if opcode not in FREE_OPS:
+        if opcode not in free:
             ops.append((opcode, type_text.split("{")[0], _array_bytes(type_text)))
     return ops
 

@@ -1,4 +1,7 @@
 #!/usr/bin/env bash
 # Set up (once) and run the whole test suite on CPU. Extra arguments go to pytest.
 source "$(dirname "$0")/env.sh" "[dev]"
-exec python -m pytest tests "$@"
+# Two worker processes, a test file each at a time (module fixtures run once): the kernel interpreters
+# are single-threaded Python, so two cores run the suite in about 12 minutes instead of 18.
+# PYTEST_WORKERS=0 runs it in this process.
+exec python -m pytest tests -n "${PYTEST_WORKERS:-2}" --dist loadfile "$@"

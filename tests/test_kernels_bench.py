@@ -140,6 +140,9 @@ ENTRY %main (q: bf16[2,64,16,128]) -> bf16[2,64,16,128] {
     ops = tpu_compile.data_ops(hlo)
     array = 2 * 64 * 16 * 128 * 2
     assert ops == [("reshape", "bf16[2,64,2048]", array), ("fusion", "f32[4,8]", 128), ("copy", "bf16[2,64,16,128]", array)]
+    # what plan --compile_for counts as a step's writes: the kernel's results too (both of its outputs)
+    with_kernels = tpu_compile.data_ops(hlo, free=tpu_compile.FREE_OPS - {"custom-call"})
+    assert [(op, n) for op, _, n in with_kernels][1] == ("custom-call", array + 2 * 16 * 8 * 64 * 4)
     assert tpu_compile.kernel_count(hlo) == 1
     monkeypatch.setattr(tpu_compile, "have_libtpu", lambda: False)
     with pytest.raises(SystemExit, match="kernels.tpu_compile needs libtpu"):
