@@ -125,7 +125,8 @@ class PassPlan:
         """What this pass's kernels need to drop probabilities: the rate and how flat rows map to positions."""
         if dropout is None:
             return None
-        return PassDropout(dropout, self.p.stride if self.p.residue_major else 0)
+        summary = (self.p.mask.block, self.p.mask.c) if self.p.gathers_keys else ()
+        return PassDropout(dropout, self.p.stride if self.p.residue_major else 0, summary)
 
     def add_key_grads(self, acc, g, heads: int):
         """Gradient g of this pass's keys (kv_layout, per query head) added at their natural positions of
@@ -242,9 +243,6 @@ def sparse_attention_tpu(q, k, v, pattern: Pattern, *, block_q: int | None = Non
     block_k = block_k or default_block_for(pattern, t)
     check_supported(q, k, v, pattern, block_q, block_k)
     dropout = Dropout(dropout_rate) if dropout_rate else None
-    if dropout and pattern.kind == "fixed":
-        raise UnsupportedInput("pallas_tpu does not drop attention probabilities of the fixed pattern (its summary "
-                               "pass gathers keys); use impl='reference' or dropout_rate=0")
     b, _, h, _ = q.shape
     seeds = head_seeds(dropout_seed, b, h) if dropout else jnp.zeros((b, h), jnp.int32)
     if interpret is None:

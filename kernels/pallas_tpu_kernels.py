@@ -72,18 +72,26 @@ def _dropout_keep(drop, seeds_ref, tile: TileHeads, j: int, seq_len: int, r0, c0
     q_shape, k_shape = ((1, rows), (cols, 1)) if transposed else ((rows, 1), (1, cols))
     qpos = dropout_hash.positions(r0 + lax.broadcasted_iota(jnp.int32, q_shape, 1 if transposed else 0),
                                   seq_len, drop.stride)
-    kpos = dropout_hash.positions(c0 + lax.broadcasted_iota(jnp.int32, k_shape, 0 if transposed else 1),
-                                  seq_len, drop.stride)
+    kpos = drop.key_positions(c0 + lax.broadcasted_iota(jnp.int32, k_shape, 0 if transposed else 1), seq_len)
     return dropout_hash.keep(dropout_hash.row_keys(head_seed, qpos), kpos, drop.dropout)
 
 
 @dataclasses.dataclass(frozen=True)
 class PassDropout:
-    """Attention dropout in one pass's kernels: the rate, and the residue-major stride that maps the
-    pass's flat rows to positions (0: natural layout). Kept probabilities are scaled by 1 / (1 - rate)
-    as they are used, so partials chain and the epilogues stay those of plain attention."""
+    """Attention dropout in one pass's kernels: the rate, and how the pass's flat rows map to positions.
+    Kept probabilities are scaled by 1 / (1 - rate) as they are used, so partials chain and the
+    epilogues stay those of plain attention."""
     dropout: dropout_hash.Dropout
-    stride: int = 0
+    stride: int = 0  # a residue-major pass's stride (flat r*P + p is position p*S + r); 0: natural
+    # fixed's summary pass, (block, c): gathered key g is position (g // c) * block + block - c + g % c
+    summary: tuple = ()
+
+    def key_positions(self, flat, seq_len: int):
+        if not self.summary:
+            return dropout_hash.positions(flat, seq_len, self.stride)
+        block, c = self.summary
+        per_block = jnp.full(flat.shape, c, jnp.int32)
+        return lax.div(flat, per_block) * block + (block - c) + lax.rem(flat, per_block)
 
     def drop(self, keep, x):
         return jnp.where(keep, x * self.dropout.scale, 0.0)
@@ -356,7 +364,8 @@ def pass_backward(q, k, v, do, lse, delta, mask: DiagonalMask | SummaryMask, lay
         functools.partial(_dkv_kernel, has_partial=dkv_partial is not None, **static),
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=5, grid=(batch, heads // tile.heads, len(bwd)),
-            in_specs=[q_col, kv_row, kv_row, q_col, stat_col, stat_col] + [dkv_row] * len(dkv_partial or ()) + seed_specs,
+            in_specs=([q_col, kv_row, kv_row, q_col, stat_col, stat_col] + [dkv_row] * len(dkv_partial or ())
+                      + seed_specs),
             out_specs=[dkv_row, dkv_row],
             scratch_shapes=[pltpu.VMEM(dkv_layout.tile_shape(block_k), jnp.float32)] * 2),
         out_shape=[jax.ShapeDtypeStruct(dkv_layout.shape(batch, heads), dkv_dtype)] * 2,

@@ -9,7 +9,6 @@ import pytest
 
 import kernels
 from kernels import dropout, patterns
-from kernels.errors import UnsupportedInput
 from kernels.reference import reference_attention
 
 
@@ -99,5 +98,3 @@ def test_bad_dropout_arguments_raise():
     with pytest.raises(ValueError, match=r"\[batch, heads\] = \(1, 2\), got \(2, 2\)"):
         kernels.sparse_attention(q, q, q, patterns.dense(), impl="reference", dropout_rate=0.1,
                                  dropout_seed=jnp.zeros((2, 2), jnp.int32))
-    with pytest.raises(UnsupportedInput, match="pallas_tpu does not drop attention probabilities of the fixed"):
-        kernels.sparse_attention(q, q, q, patterns.fixed(8, 2), impl="pallas_tpu", dropout_rate=0.1, dropout_seed=0)

@@ -88,6 +88,7 @@ DROPOUT_CASES = [
     (patterns.dense(), 1, 64, 2, 1, 32, 16, 16, "dense causal, GQA"),
     (patterns.local_strided(16, 8), 1, 128, 2, 2, 64, 32, 16,
      "local_strided in place: residue-major rows hashed by position, the band's partial chained"),
+    (patterns.fixed(16, 4), 1, 128, 2, 1, 32, 32, 16, "fixed: gathered summary keys hashed by position, GQA"),
 ]
 
 

@@ -74,7 +74,8 @@ def test_plan_compiles_a_sharded_train_step_for_a_two_chip_slice(capsys):
 @pytest.mark.parametrize("pattern,seq,heads,head_dim", [
     (patterns.dense(), 256, 6, 64),                     # shakespeare_char's layer
     (patterns.local_strided(256, 256), 2048, 16, 128),  # the benchmark's, its strided pass hashing positions
-], ids=["dense", "local_strided"])
+    (patterns.fixed(128, 8), 2048, 16, 128),             # gathered summary keys mapped back to positions
+], ids=["dense", "local_strided", "fixed"])
 def test_kernels_with_attention_dropout_compile(pattern, seq, heads, head_dim):
     """The dropout hash's int32 multiplies, xors and shifts on vectors and the seeds' SMEM blocks are
     what Mosaic TPU compiles (the interpreter runs anything)."""
@@ -90,4 +91,4 @@ def test_kernels_with_attention_dropout_compile(pattern, seq, heads, head_dim):
 
     x = jax.ShapeDtypeStruct((TOKENS // seq, seq, heads, head_dim), jnp.bfloat16)
     compiled = compile_for("v5e", jax.grad(loss, argnums=(0, 1, 2)), x, x, x, jax.ShapeDtypeStruct((), jnp.int32))
-    assert kernel_count(compiled.as_text()) == 3 * (2 if pattern.kind == "local_strided" else 1)
+    assert kernel_count(compiled.as_text()) == 3 * (1 if pattern.kind == "dense" else 2)
