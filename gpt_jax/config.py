@@ -41,7 +41,7 @@ def get_base_config() -> ml_collections.ConfigDict:
         n_embd=384,
         mlp_ratio=4,
         dropout=0.0,             # on embeddings and residual branches
-        attn_dropout=0.0,        # on attention probabilities (runs attention in XLA while training)
+        attn_dropout=0.0,        # on attention probabilities (inside our Pallas kernels: kernels/dropout.py)
         use_bias=True,
         dtype="auto",            # compute dtype (auto: bfloat16 on GPU/TPU, float32 on CPU); params float32
         param_dtype="float32",
