@@ -81,6 +81,14 @@ def head_seeds(seed, batch: int, heads: int):
     return mix(seed + mix(index))
 
 
+def for_kernels(rate: float, seed, batch: int, heads: int):
+    """(Dropout or None, [batch, heads] int32 seeds) as a kernel backend's custom_vjp takes them: no
+    dropout at rate 0, and then zeros for the seeds (an input the kernels do not read)."""
+    if not rate:
+        return None, jnp.zeros((batch, heads), jnp.int32)
+    return Dropout(rate), head_seeds(seed, batch, heads)
+
+
 def positions(flat, seq_len: int, stride: int):
     """Sequence positions of a pass's flat rows: the rows themselves (stride 0), or in a residue-major
     pass (kernels/schedule.py: flat r*P + p holds position p*S + r, S = stride, P = T / S) mapped back,

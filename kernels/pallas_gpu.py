@@ -26,7 +26,7 @@ import math
 
 import jax.numpy as jnp
 
-from kernels.dropout import Dropout, head_seeds
+from kernels.dropout import for_kernels
 from kernels.errors import UnsupportedInput, check_pattern_and_shapes
 from kernels.flash_vjp import flash_vjp
 from kernels.patterns import Pattern
@@ -238,11 +238,9 @@ def sparse_attention_gpu(q, k, v, pattern: Pattern, *, block_q: int | None = Non
     """
     block_q = block_q or 64
     block_k = block_k or default_block_k(pattern)
-    dropout = Dropout(dropout_rate) if dropout_rate else None
     check_supported(q, k, v, pattern, block_q, block_k, interpret)
     if interpret is True:
         from jax.experimental.pallas import mosaic_gpu as plgpu
         interpret = plgpu.InterpretGPUParams()
-    b, _, h, _ = q.shape
-    seeds = head_seeds(dropout_seed, b, h) if dropout else jnp.zeros((b, h), jnp.int32)
+    dropout, seeds = for_kernels(dropout_rate, dropout_seed, q.shape[0], q.shape[2])
     return _attention(q, k, v, seeds, pattern, block_q, block_k, interpret or False, dropout)

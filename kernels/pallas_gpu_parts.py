@@ -61,8 +61,9 @@ class PassConfig:
     pingpong: bool = True
     # Which pass this is ("band", "strided", "causal"): names the kernels in dumps and profiles.
     name: str = "pass"
-    # Forward only: consecutive row tiles a CTA runs one after another (grid / tiles CTAs), its ring
-    # streaming on across them, so the next tile's blocks load while this one computes.
+    # Consecutive tiles a CTA runs one after another (grid / tiles CTAs; query rows for the forward and
+    # dq, key rows for dk/dv), its ring streaming on across them, so the next tile's blocks load while
+    # this one computes.
     tiles: int = 1
     # Registers a thread of a compute warpgroup / of the memory warpgroup (setmaxnreg). Two compute
     # warpgroups: 2 * 232 + 40 = 504 a thread-slot, the most 384 threads can share of the SM's 64K.

@@ -26,7 +26,7 @@ import dataclasses
 import jax.numpy as jnp
 from jax.experimental.pallas import tpu as pltpu
 
-from kernels.dropout import Dropout, head_seeds
+from kernels.dropout import Dropout, for_kernels
 from kernels.errors import UnsupportedInput, check_pattern_and_shapes
 from kernels.flash_vjp import flash_vjp
 from kernels.pallas_tpu_kernels import PassDropout, pass_backward, pass_forward
@@ -242,9 +242,7 @@ def sparse_attention_tpu(q, k, v, pattern: Pattern, *, block_q: int | None = Non
     block_q = block_q or default_block_for(pattern, t)
     block_k = block_k or default_block_for(pattern, t)
     check_supported(q, k, v, pattern, block_q, block_k)
-    dropout = Dropout(dropout_rate) if dropout_rate else None
-    b, _, h, _ = q.shape
-    seeds = head_seeds(dropout_seed, b, h) if dropout else jnp.zeros((b, h), jnp.int32)
+    dropout, seeds = for_kernels(dropout_rate, dropout_seed, q.shape[0], q.shape[2])
     if interpret is None:
         interpret = target_platform() != "tpu"
     if interpret is False:

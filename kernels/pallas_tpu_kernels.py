@@ -66,7 +66,7 @@ def _visible(mask: DiagonalMask | SummaryMask, seq_len: int, r0, c0, rows: int, 
 def _dropout_keep(drop, seeds_ref, tile: TileHeads, j: int, seq_len: int, r0, c0, rows: int, cols: int,
                   transposed=False):
     """Head j's dropout mask of a [rows, cols] score tile, queries from r0 and keys from c0 ([cols,
-    rows] when transposed): kernels/dropout.py's bits for the head's seed (seeds_ref: `seeds_in_smem`'s
+    rows] when transposed): kernels/dropout.py's bits for the head's seed (seeds_ref: `_seed_inputs`'s
     block) and the tile's sequence positions."""
     head_seed = seeds_ref[pl.program_id(0) % SUBLANES, pl.program_id(1) * tile.heads + j]
     q_shape, k_shape = ((1, rows), (cols, 1)) if transposed else ((rows, 1), (1, cols))
@@ -97,21 +97,15 @@ class PassDropout:
         return jnp.where(keep, x * self.dropout.scale, 0.0)
 
 
-def seeds_in_smem(seeds):
-    """([B, H] int32 seeds as the kernels take them, their BlockSpec): padded to [8k, 128m] so that a
-    step's block is the (8, 128m) one holding its batch row, in SMEM (read as scalars), a few KiB
-    whatever the batch."""
-    b, h = seeds.shape
-    padded = jnp.pad(seeds, ((0, -b % SUBLANES), (0, -h % 128)))
-    return padded, pl.BlockSpec((SUBLANES, padded.shape[1]), lambda b, h, s, *_: (b // SUBLANES, 0),
-                                memory_space=pltpu.SMEM)
-
-
 def _seed_inputs(drop, seeds):
-    """(extra kernel inputs, their BlockSpecs) for attention dropout: none without it."""
+    """(extra kernel inputs, their BlockSpecs) for attention dropout, none without it: the [B, H] int32
+    seeds padded to [8k, 128m], so that a step's block is the (8, 128m) one holding its batch row, in
+    SMEM (read as scalars), a few KiB whatever the batch."""
     if not drop:
         return [], []
-    padded, spec = seeds_in_smem(seeds)
+    b, h = seeds.shape
+    padded = jnp.pad(seeds, ((0, -b % SUBLANES), (0, -h % 128)))
+    spec = pl.BlockSpec((SUBLANES, padded.shape[1]), lambda b, h, s, *_: (b // SUBLANES, 0), memory_space=pltpu.SMEM)
     return [padded], [spec]
 
 

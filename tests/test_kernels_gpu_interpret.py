@@ -33,6 +33,14 @@ def _rel(a, b):
     return np.linalg.norm(a - b) / np.linalg.norm(b)
 
 
+def _out_and_grads(pattern, q, k, v, do, block_k=64, **kwargs):
+    """[o, dq, dk, dv] of sparse_attention_gpu in the interpreter (traced anew on each call, so module
+    switches set in between take effect)."""
+    out, vjp = jax.vjp(lambda q, k, v: sparse_attention_gpu(q, k, v, pattern, block_k=block_k, interpret=INTERPRET,
+                                                            **kwargs), q, k, v)
+    return [out, *vjp(do)]
+
+
 def _inputs(seed, seq, heads, kv_heads, head_dim, dtype):
     keys = jax.random.split(jax.random.key(seed), 4)
     shapes = [(1, seq, heads, head_dim), (1, seq, kv_heads, head_dim), (1, seq, kv_heads, head_dim),
@@ -191,9 +199,7 @@ def test_ctas_running_several_tiles_give_the_one_tile_result(monkeypatch, patter
     q, k, v, do = _inputs(zlib.crc32(f"{pattern}{t}".encode()), t, 2, 2, 64, jnp.bfloat16)
 
     def run():
-        out, vjp = jax.vjp(lambda q, k, v: sparse_attention_gpu(q, k, v, pattern, block_k=64, interpret=INTERPRET),
-                           q, k, v)
-        return [out, *vjp(do)]
+        return _out_and_grads(pattern, q, k, v, do)
 
     one = run()
     monkeypatch.setattr(pallas_gpu, "FORWARD_TILES", tiles)
@@ -275,14 +281,13 @@ def test_dropout_inside_the_kernels_matches_the_reference(monkeypatch, case):
     q, k, v, do = _inputs(seed_int, t, h, hk, 64, dtype)
     seed = jnp.int32(seed_int % 2 ** 31)
     drop = dict(dropout_rate=0.25, dropout_seed=seed)
-    out, vjp = jax.vjp(lambda q, k, v: sparse_attention_gpu(q, k, v, pattern, block_k=bk, interpret=INTERPRET,
-                                                            **drop), q, k, v)
+    out, *grads = _out_and_grads(pattern, q, k, v, do, block_k=bk, **drop)
     f32 = [x.astype(jnp.float32) for x in (q, k, v)]
     ref, ref_vjp = jax.vjp(lambda q, k, v: reference_attention(q, k, v, pattern, **drop), *f32)
     tol = 1e-5 if dtype == jnp.float32 else 1e-2
     assert _rel(out, ref) < tol, ("out", _rel(out, ref))
     assert _rel(out, reference_attention(*f32, pattern)) > 0.1  # it did drop
-    for name, g, r in zip(("dq", "dk", "dv"), vjp(do), ref_vjp(do.astype(jnp.float32))):
+    for name, g, r in zip(("dq", "dk", "dv"), grads, ref_vjp(do.astype(jnp.float32))):
         assert _rel(g, r) < tol, (name, _rel(g, r))
 
 
@@ -344,9 +349,7 @@ def test_transposed_fallback_gives_the_in_place_result(monkeypatch):
     q, k, v, do = _inputs(21, 128, 2, 1, 64, jnp.float32)
 
     def run():
-        out, vjp = jax.vjp(lambda q, k, v: sparse_attention_gpu(q, k, v, pattern, block_k=64, interpret=INTERPRET),
-                           q, k, v)
-        return [out, *vjp(do)]
+        return _out_and_grads(pattern, q, k, v, do)
 
     fused = run()
     monkeypatch.setattr(pallas_gpu, "STRIDED_IN_PLACE", False)
