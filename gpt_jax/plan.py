@@ -65,7 +65,7 @@ def parse_mesh(text: str) -> dict[str, int]:
     return sizes
 
 
-def _vocab(config) -> int:
+def vocab_for(config) -> int:
     if config.model.vocab_size:
         return config.model.vocab_size
     kind = config.data.tokenizer
@@ -106,7 +106,7 @@ def activation_bytes_per_sequence(model_cfg: GPTConfig, tensor: int) -> int:
 
 def plan(config, mesh: dict[str, int], device_memory_gib: float) -> str:
     try:
-        model_cfg = GPTConfig.from_config(config, _vocab(config) or None)
+        model_cfg = GPTConfig.from_config(config, vocab_for(config) or None)
         model_cfg.validate()
     except ValueError as e:
         raise UserError(str(e)) from None
@@ -159,7 +159,7 @@ def plan(config, mesh: dict[str, int], device_memory_gib: float) -> str:
 GPU_CHIPS = ("h100",)
 
 
-def _compile_target(chip: str, count: int):
+def compile_target(chip: str, count: int):
     """(devices, platform, HBM GiB, kernel_count) to compile for `count` chips of `chip`, no such
     chip needed: libtpu for a TPU slice, jax's CUDA plugin for H100s."""
     from kernels import gpu_compile, tpu_compile
@@ -183,13 +183,13 @@ def compiled_report(config, mesh: dict[str, int], chip: str) -> str:
     from gpt_jax.train_step import Trainer
 
     count = math.prod(mesh.values())
-    devices, platform, hbm_gib, kernel_count = _compile_target(chip, count)
+    devices, platform, hbm_gib, kernel_count = compile_target(chip, count)
     shape = tuple(mesh[a] for a in MESH_AXES)
     device_mesh = jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3, devices=devices)
     train = config.train
     check_batch(train.batch_size, train.grad_accum, device_mesh)  # as gpt_jax.train would
     with targeting(platform):  # bf16 compute and the compiled Pallas kernels, as on that chip
-        model_cfg = GPTConfig.from_config(config, _vocab(config) or None)
+        model_cfg = GPTConfig.from_config(config, vocab_for(config) or None)
         trainer = Trainer(GPT(model_cfg), make_optimizer(train), device_mesh, config.sharding_rules,
                           grad_accum=train.grad_accum)
         batch = jax.ShapeDtypeStruct((train.batch_size, model_cfg.block_size + 1), jnp.int32,
@@ -202,9 +202,6 @@ def compiled_report(config, mesh: dict[str, int], chip: str) -> str:
         if "RESOURCE_EXHAUSTED" not in str(e):
             raise
         return f"{head}: does NOT fit: {str(e).strip().splitlines()[0]}"
-    from kernels.tpu_compile import FREE_OPS, data_ops
-    # every top-level op's results, kernels and library calls included: what one step writes to memory
-    written = sum(n for _, _, n in data_ops(compiled.as_text(), free=FREE_OPS - {"custom-call"}))
     m = compiled.memory_analysis()
     # the state is donated: its outputs reuse the argument buffers (alias), so the peak is about
     # arguments + outputs - aliased + temporaries
@@ -217,8 +214,21 @@ def compiled_report(config, mesh: dict[str, int], chip: str) -> str:
         f"  outputs not aliased to inputs   {(m.output_size_in_bytes - m.alias_size_in_bytes) / GIB:10.2f} GiB",
         f"  total                           {peak / GIB:10.2f} GiB: {verdict} in {hbm_gib} GiB "
         f"of {chip} memory (XLA's figure for the compiled step)",
-        f"  written a step                  {written / GIB:10.2f} GiB per chip (the results of the compiled "
-        f"step's ops, kernels included)"])
+        *step_work(compiled)])
+
+
+def step_work(compiled) -> list[str]:
+    """Report lines of what a compiled step does per chip: its top-level ops (on a GPU, about one
+    kernel launch each) and the bytes their results take (what a step writes, kernels included)."""
+    from kernels.tpu_compile import FREE_OPS, data_ops
+
+    ops = data_ops(compiled.as_text(), free=FREE_OPS - {"custom-call"})
+    calls = sum(op == "custom-call" for op, _, _ in ops)
+    return [
+        f"  ops a step                      {len(ops):10d} ({calls} custom calls: cuDNN, cuBLAS, Pallas; "
+        f"{len(ops) - calls} fusions, GEMMs among them, and other ops; loop bodies not counted)",
+        f"  written a step                  {sum(n for _, _, n in ops) / GIB:10.2f} GiB per chip (the results of "
+        f"the compiled step's ops, kernels included)"]
 
 
 def _define_flags(fv):

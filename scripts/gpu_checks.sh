@@ -90,11 +90,18 @@ python3 -m gpt_jax.bench_train --config experiments/shakespeare_char.py \
 fi
 
 if want trainvariants; then
-step "training step variants: attention dropout in our kernel (auto) or in XLA, and without dropout (cuDNN)"
+step "training step variants: attention dropout in our kernel (auto) or in XLA, without dropout (cuDNN), plain Flax"
 for v in "" "--config.attention.impl=xla" "--config.model.attn_dropout=0" \
          "--config.model.attn_dropout=0 --config.model.dropout=0"; do
   echo "${v:-as configured}: $(step_ms --config experiments/shakespeare_char.py \
       --config.data.path=$SHAKESPEARE --iters 30 --warmup 5 $v)" | tee -a "$OUT/train_variants.txt"
+done
+# The yardstick: the same shape as a minimal hand-written Flax step (no dropout; gpt_jax/bench_plain.py),
+# with the embedding lookup in float32 (as gpt_jax does) and in bfloat16 (as Flax's nn.Embed(dtype=) does).
+for v in "" "--lookup_in_compute_dtype"; do
+  echo "plain Flax step ${v:-(float32 lookup)}: $(python3 -m gpt_jax.bench_plain --config experiments/shakespeare_char.py \
+      --config.data.path=$SHAKESPEARE --iters 30 --warmup 5 $v 2>&1 | grep -A1 "ms/iter" | tail -1)" \
+      | tee -a "$OUT/train_variants.txt"
 done
 fi
 

@@ -2,6 +2,7 @@
 jax's CUDA plugin) the Mosaic GPU kernels compiled by ptxas for an H100 on a machine without a GPU."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -95,3 +96,27 @@ def test_plan_compiles_the_sparse_train_step_for_h100s():
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "compiled for 2 x h100 (CUDA plugin; not run): 6 Pallas kernel launches a step" in proc.stdout
     assert "fits in 80 GiB of h100 memory" in proc.stdout
+
+
+def _step_work(stdout: str) -> tuple[int, float]:
+    """(ops a step, GiB written a step) from a --compile_for report."""
+    ops = int(re.search(r"ops a step\s+(\d+)", stdout).group(1))
+    return ops, float(re.search(r"written a step\s+([\d.]+) GiB", stdout).group(1))
+
+
+@pytest.mark.gpu_aot
+def test_train_step_compiles_to_what_a_plain_flax_step_does():
+    """Without dropout, gpt_jax's step at shakespeare_char's shape compiles for an H100 to what the
+    hand-written step of gpt_jax.bench_plain does: logical axes, sharding constraints and the Trainer
+    leave nothing behind in the compiled program (BENCHMARKS.md: 434 ops against 435)."""
+    shape = ["--config", "experiments/shakespeare_char.py", "--config.model.vocab_size=65",
+             "--config.model.n_layer=2", "--config.model.dropout=0", "--config.model.attn_dropout=0",
+             "--compile_for", "h100"]
+    ours = subprocess.run([sys.executable, "-m", "gpt_jax.plan", *shape, "--mesh", "data=1"],
+                          capture_output=True, text=True)
+    plain = subprocess.run([sys.executable, "-m", "gpt_jax.bench_plain", *shape], capture_output=True, text=True)
+    assert ours.returncode == 0 and plain.returncode == 0, ours.stderr[-2000:] + plain.stderr[-2000:]
+    (ours_ops, ours_gib), (plain_ops, plain_gib) = _step_work(ours.stdout), _step_work(plain.stdout)
+    assert abs(ours_ops - plain_ops) <= 2, (ours_ops, plain_ops)
+    assert abs(ours_gib - plain_gib) <= 0.02 * plain_gib, (ours_gib, plain_gib)
+
