@@ -104,6 +104,13 @@ def positions(flat, seq_len: int, stride: int):
     return p * np.int32(stride) + r
 
 
+def gathered_positions(flat, block: int, c: int):
+    """Sequence positions of fixed(block, c)'s gathered summary keys (kernels/schedule.py): gathered
+    g is position (g // c) * block + block - c + g % c, the last c of every block."""
+    per_block = jnp.full(flat.shape, c, jnp.int32)
+    return lax.div(flat, per_block) * np.int32(block) + np.int32(block - c) + lax.rem(flat, per_block)
+
+
 def row_keys(head_seed, query_pos):
     return mix(head_seed ^ query_pos)
 

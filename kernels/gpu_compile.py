@@ -216,16 +216,18 @@ def main(argv=None):
     from kernels import patterns
 
     ap = argparse.ArgumentParser(prog="python -m kernels.gpu_compile", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--pattern", default="local_strided", choices=["dense", "local", "strided", "local_strided"])
+    ap.add_argument("--pattern", default="local_strided",
+                    choices=["dense", "local", "strided", "local_strided", "fixed"])
     ap.add_argument("--window", type=int, default=256)
     ap.add_argument("--stride", type=int, default=256)
+    ap.add_argument("--block", type=int, default=128, help="fixed: block length")
+    ap.add_argument("--c", type=int, default=16, help="fixed: summary positions per block")
     ap.add_argument("--seq", default="2048,8192,32768", help="comma-separated sequence lengths")
     ap.add_argument("--tokens", type=int, default=32768, help="batch = tokens / seq")
     ap.add_argument("--heads", type=int, default=16)
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--block-k", type=int, default=None)
-    ap.add_argument("--dropout", type=float, default=0.0, help="attention dropout rate inside the kernels "
-                    "(dense and local patterns)")
+    ap.add_argument("--dropout", type=float, default=0.0, help="attention dropout rate inside the kernels")
     ap.add_argument("--variants", default="default", help="comma-separated variants of the kernel, as in "
                     "kernels.bench (e.g. default,tiles-4,tiles-4-regs-240)")
     ap.add_argument("--out", default="", help="write the rows as JSON here")
@@ -233,7 +235,7 @@ def main(argv=None):
     try:
         require_cuda_plugin("kernels.gpu_compile")
         seqs = [int(s) for s in args.seq.split(",")]
-        pattern = patterns.from_name(args.pattern, window=args.window, stride=args.stride)
+        pattern = patterns.from_name(args.pattern, window=args.window, stride=args.stride, block=args.block, c=args.c)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     from kernels.bench import VARIANTS, variant_switches

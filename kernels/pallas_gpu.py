@@ -1,11 +1,16 @@
-"""Pallas Mosaic GPU kernel (H100) for dense, local, strided and local+strided causal attention, fwd + bwd.
+"""Pallas Mosaic GPU kernel (H100) for dense, local, strided, local+strided and fixed causal attention,
+fwd + bwd.
 
 Same route as the TPU kernel (kernels/schedule.py, DESIGN.md "Making local+strided fast"):
   band pass      natural layout; each query tile visits only the key blocks within the window;
+                 fixed(b, c)'s first pass is one too: causal within blocks of b (a segment mask);
   strided pass   residue-major layout (flat r*P + p holds position p*S + r, P = T/S): a causal
                  attention with diagonal offset ceil(window/S), residues packed block-diagonally
                  into a tile when P is small; read and written in place by strided TMA copies
                  (`in_place`), or on XLA-transposed copies for shapes whose residues do not tile;
+  summary pass   fixed's second: natural queries against the last c positions of every block,
+                 gathered by XLA into a short key sequence (kernels/summary_keys.py), whose dk/dv
+                 XLA adds back at their positions;
   merge          the passes' (o, lse) by logsumexp, guarded for -inf rows: in the strided pass's
                  epilogue, which loads the band pass's rows (schedule.merge_partials in XLA on the
                  transposed fallback);
@@ -17,7 +22,8 @@ The kernels themselves are in pallas_gpu_kernels.py, the TMA ring and row copies
 
 Status (see kernels/NOTES.md): checked numerically on CPU in the Mosaic GPU interpreter and lowered
 for CUDA on CPU, and compiled and checked against the float32 reference on an H100
-(tests/test_kernels_gpu.py, 9 passed, 2026-11-23). `VERIFIED_ON_GPU` gates `impl="auto"`.
+(tests/test_kernels_gpu.py, 9 passed, 2026-11-23), but for fixed, which came later.
+`VERIFIED_KINDS` gates `impl="auto"`.
 """
 
 from __future__ import annotations
@@ -26,15 +32,18 @@ import math
 
 import jax.numpy as jnp
 
+from kernels import summary_keys
 from kernels.dropout import for_kernels
 from kernels.errors import UnsupportedInput, check_pattern_and_shapes
 from kernels.flash_vjp import flash_vjp
 from kernels.patterns import Pattern
 from kernels.schedule import Pass, merge_partials, passes_for
 
-# True since tests/test_kernels_gpu.py passed on an H100 (2026-11-23). Set it False to make
-# sparse_attention(impl="auto") warn and use the reference on GPUs (impl="pallas_gpu" always runs it).
-VERIFIED_ON_GPU = True
+# Pattern kinds whose compiled kernels passed tests/test_kernels_gpu.py on an H100 (2026-11-23):
+# sparse_attention(impl="auto") runs the kernel for these, and for the others warns and uses the
+# reference (impl="pallas_gpu" always runs it). fixed is checked in the Mosaic GPU interpreter and
+# built by ptxas for an H100 (kernels.gpu_compile), not yet run on one: add it once its tests pass there.
+VERIFIED_KINDS = ("dense", "local", "strided", "local_strided")
 
 # The strided pass reads and writes [B, T, H, D] in place where its residues tile evenly (`in_place`).
 # False runs it on XLA-transposed copies everywhere: the first version, kept to compare on a GPU.
@@ -52,7 +61,7 @@ BACKWARD_TILES = 1
 # which mostly waits on barriers, the fewest registers allowed: dk/dv spill less (kernels/NOTES.md).
 REGISTERS = (232, 40)
 
-SUPPORTED_KINDS = ("dense", "local", "strided", "local_strided")
+SUPPORTED_KINDS = ("dense", "local", "strided", "local_strided", "fixed")
 COMPILED_DTYPES = (jnp.bfloat16, jnp.float16)
 INTERPRET_DTYPES = COMPILED_DTYPES + (jnp.float32,)
 HEAD_DIMS = (64, 128)
@@ -66,8 +75,10 @@ def _kernels():
 
 
 def default_block_k(pattern: Pattern) -> int:
-    """Streamed key (and, in dk/dv, query) block: 128 rows, or 64 for windows of at most 64."""
-    return 64 if pattern.kind in ("local", "local_strided") and pattern.window <= 64 else 128
+    """Streamed key (and, in dk/dv, query) block: 128 rows, or 64 for windows (or fixed's blocks) of
+    at most 64."""
+    span = pattern.window if pattern.kind in ("local", "local_strided") else pattern.block
+    return 64 if 0 < span <= 64 else 128
 
 
 def check_supported(q, k, v, pattern: Pattern, block_q: int, block_k: int, interpret) -> None:
@@ -138,18 +149,39 @@ def _lse_layout(p: Pass):
     return to, back
 
 
+def summary_len(p: Pass, t: int, block_k: int) -> int:
+    """Gathered summary keys of fixed's second pass, padded to whole key tiles: the dk/dv kernel's
+    128-row tiles (two warpgroups of 64) and the forward's streamed blocks."""
+    tile = math.lcm(128, block_k)
+    return -(-t // p.mask.block * p.mask.c // tile) * tile
+
+
+def _keys(p: Pass, t: int, block_k: int, to):
+    """The pass's key-side layout for k and v: `to`, or fixed's gathered summary keys."""
+    if not p.gathers_keys:
+        return to
+    return lambda x: summary_keys.gather(x, p.mask.block, p.mask.c, summary_len(p, t, block_k))
+
+
 def pass_name(p: Pass, t: int) -> str:
-    """"strided" (residue-major), "causal" (every earlier key) or "band": names the pass's kernels."""
-    return "strided" if p.residue_major else ("causal" if p.mask.hi >= t else "band")
+    """Names the pass's kernels: "strided" (residue-major), "summary" (fixed's gathered keys), "blocks"
+    (fixed's block-diagonal pass), "causal" (every earlier key) or "band"."""
+    if p.residue_major or p.gathers_keys:
+        return "strided" if p.residue_major else "summary"
+    if p.mask.seg_len < t:
+        return "blocks"
+    return "causal" if p.mask.hi >= t else "band"
 
 
 def _config(p: Pass, t, block_q, block_k, interpret, kernel="fwd", dropout=None):
     """The PassConfig of `kernel` ("fwd", "dq" or "dkv") for pass p."""
     K = _kernels()
     residues = p.stride if in_place(p, t, (block_q, block_k)) else 0
-    tiles = math.gcd(FORWARD_TILES if kernel == "fwd" else BACKWARD_TILES, t // (2 * block_q))
+    key_len = summary_len(p, t, block_k) if p.gathers_keys else 0
+    tile_rows = (key_len or t) if kernel == "dkv" else t  # dk/dv tiles run over the keys
+    tiles = math.gcd(FORWARD_TILES if kernel == "fwd" else BACKWARD_TILES, tile_rows // (2 * block_q))
     common = dict(interpret=interpret, residues=residues, name=pass_name(p, t), tiles=tiles, registers=REGISTERS,
-                  dropout=dropout, residue_stride=p.stride if p.residue_major else 0)
+                  dropout=dropout, residue_stride=p.stride if p.residue_major else 0, key_len=key_len)
     if kernel == "dkv":  # per-warpgroup key rows = 64 (wgmma M), streamed query blocks of block_k
         return K.PassConfig(p.mask, t, block_q=block_k, block_k=block_q, **common)
     return K.PassConfig(p.mask, t, block_q=block_q, block_k=block_k, pingpong=PINGPONG, **common)
@@ -175,7 +207,8 @@ def _forward(q, k, v, pattern, block_q, block_k, interpret, dropout=None, seeds=
         lto, lback = _lse_layout(p)
         earlier = (to(partials[-1][0]), lto(partials[-1][1])) if chained and partials else None
         cfg = _config(p, t, block_q, block_k, interpret, dropout=dropout)
-        o, lse = _kernels().pass_forward(to(q), to(k), to(v), cfg, earlier, seeds=seeds)
+        keys = _keys(p, t, block_k, to)
+        o, lse = _kernels().pass_forward(to(q), keys(k), keys(v), cfg, earlier, seeds=seeds)
         partials.append((back(o), lback(lse)))
     if chained or len(partials) == 1:
         return partials[-1]
@@ -202,15 +235,22 @@ def _backward(q, k, v, o, lse, do, pattern, block_q, block_k, interpret, dropout
     for i, p in enumerate(passes):
         to, back = _seq_layout(p, t, blocks)
         lto, _ = _lse_layout(p)
-        args = (to(q), to(k), to(v), to(do), lto(lse2), lto(delta))
+        keys = _keys(p, t, block_k, to)
+        args = (to(q), keys(k), keys(v), to(do), lto(lse2), lto(delta))
         cfg, cfg_dkv = (_config(p, t, block_q, block_k, interpret, kernel, dropout) for kernel in ("dq", "dkv"))
         if chained:
             last = i == len(passes) - 1
             gq = _kernels().pass_dq(*args, cfg, partial=None if dq is None else to(dq),
                                     out_dtype=q.dtype if last else jnp.float32, seeds=seeds)
+            dq = back(gq)
+            if p.gathers_keys:  # per gathered key: XLA adds them at their positions
+                gk, gv = _kernels().pass_dkv(*args, cfg_dkv, seeds=seeds)
+                dk = summary_keys.add_back(dk, gk, p.mask.block, p.mask.c)
+                dv = summary_keys.add_back(dv, gv, p.mask.block, p.mask.c)
+                continue
             gk, gv = _kernels().pass_dkv(*args, cfg_dkv, partials=None if dk is None else (to(dk), to(dv)),
                                          out_dtype=k.dtype if last and h == hk else jnp.float32, seeds=seeds)
-            dq, dk, dv = back(gq), back(gk), back(gv)
+            dk, dv = back(gk), back(gv)
         else:
             gq = back(_kernels().pass_dq(*args, cfg, seeds=seeds))
             gk, gv = (back(g) for g in _kernels().pass_dkv(*args, cfg_dkv, seeds=seeds))

@@ -258,7 +258,8 @@ def pass_dq(q, k, v, do, lse2, delta, cfg: PassConfig, partial=None, out_dtype=j
 
 def pass_dkv(q, k, v, do, lse2, delta, cfg: PassConfig, partials=None, out_dtype=jnp.float32, seeds=None):
     """dk, dv of one pass per query head, [B, T, H, D] each in out_dtype (the caller sums GQA groups),
-    plus `partials` (float32 dk, dv of the earlier passes, laid out as q) when given."""
+    plus `partials` (float32 dk, dv of the earlier passes, laid out as q) when given. For fixed's
+    summary pass, k and v are the cfg.key_len gathered keys, and so are dk and dv."""
     B, T, H, D = cfg.dims(q)
     Hk = cfg.dims(k)[2]
     group = H // Hk
@@ -352,5 +353,5 @@ def pass_dkv(q, k, v, do, lse2, delta, cfg: PassConfig, partials=None, out_dtype
                plgpu.Barrier(num_arrivals=cfg.pieces(bk), num_barriers=W),
                plgpu.Barrier(num_arrivals=2 * cfg.pieces(bq) + 2, num_barriers=slots),
                plgpu.Barrier(num_arrivals=W, num_barriers=slots)]
-    out_type = [jax.ShapeDtypeStruct(q.shape, out_dtype)] * 2
-    return parts.launch(body, cfg, out_type, scratch, grid(cfg, H, T, W * bk, B), "dkv")(*inputs)
+    out_type = [jax.ShapeDtypeStruct(k.shape[:2] + q.shape[2:], out_dtype)] * 2  # per query head
+    return parts.launch(body, cfg, out_type, scratch, grid(cfg, H, cfg.keys, W * bk, B), "dkv")(*inputs)

@@ -36,7 +36,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from kernels import dropout as dropout_hash
-from kernels.schedule import DiagonalMask
+from kernels.schedule import DiagonalMask, SummaryMask
 
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
@@ -46,8 +46,8 @@ ROWS = 64  # rows of one compute warpgroup's tile (the wgmma M dimension)
 @dataclasses.dataclass(frozen=True)
 class PassConfig:
     """Static description of one kernel launch (hashable)."""
-    mask: DiagonalMask
-    seq_len: int
+    mask: DiagonalMask | SummaryMask
+    seq_len: int  # of the queries; of the keys too but for fixed's gathered summary keys (key_len)
     block_q: int  # query rows per tile (fwd/dq: per warpgroup; dkv: streamed block)
     block_k: int  # key rows per tile (fwd/dq: streamed block; dkv: per warpgroup)
     compute_wgs: int = 2
@@ -75,6 +75,12 @@ class PassConfig:
     # A residue-major pass's stride S (flat row r*P + p is position p*S + r; in place or on transposed
     # copies), 0 for the natural layout: what maps the dropout hash's rows to positions.
     residue_stride: int = 0
+    # fixed's summary pass: the gathered keys' length (whole key tiles; 0: seq_len)
+    key_len: int = 0
+
+    @property
+    def keys(self) -> int:
+        return self.key_len or self.seq_len
 
     def dims(self, x):
         """(batch, seq, heads, head_dim) of a [B, T, H, D] operand, however it arrived."""
@@ -117,12 +123,21 @@ def mma(acc, a, b, interpret, after_issue=None):
     return pl.run_state(lambda acc_ref: plgpu.wgmma(acc_ref, a, b))(plgpu.ACC.init(acc))
 
 
-def visible(mask: DiagonalMask, seq_len, queries0, keys0, shape, transposed=False):
+def div_by(x, n: int):
+    """x // n for non-negative int32 x and a static n: a shift when n is a power of two."""
+    if n & (n - 1) == 0:
+        return lax.shift_right_logical(x, jnp.int32(n.bit_length() - 1))
+    return lax.div(x, jnp.full(x.shape, n, jnp.int32))
+
+
+def visible(mask: DiagonalMask | SummaryMask, seq_len, queries0, keys0, shape, transposed=False):
     """Boolean tile of `mask` in the WGMMA register layout, for queries i from queries0 and keys j
     from keys0: i along dimension 0 and j along 1, or the other way round when transposed."""
     qdim, kdim = (1, 0) if transposed else (0, 1)
     i = queries0 + plgpu.broadcasted_iota(jnp.int32, shape, qdim, layout=plgpu.Layout.WGMMA)
     j = keys0 + plgpu.broadcasted_iota(jnp.int32, shape, kdim, layout=plgpu.Layout.WGMMA)
+    if isinstance(mask, SummaryMask):  # gathered summary key j of an earlier block than query i's
+        return j < div_by(i, mask.block) * mask.c
     d = i - j
     vis = d >= mask.lo
     limit = mask.hi if mask.hi < seq_len else None
@@ -148,6 +163,8 @@ def dropout_keep(cfg: PassConfig, head_seed, queries0, keys0, shape, transposed=
 
     def positions(dim, first):  # the tile's rows (dim 0) or columns (dim 1) as a vector of positions
         flat = first + plgpu.broadcasted_iota(jnp.int32, (shape[dim],), 0, layout=plgpu.Layout.WGMMA.reduce(1 - dim))
+        if dim == kdim and isinstance(cfg.mask, SummaryMask):
+            return dropout_hash.gathered_positions(flat, cfg.mask.block, cfg.mask.c)
         return dropout_hash.positions(flat, cfg.seq_len, cfg.residue_stride)
 
     def spread(x, dim):

@@ -26,6 +26,7 @@ import dataclasses
 import jax.numpy as jnp
 from jax.experimental.pallas import tpu as pltpu
 
+from kernels import summary_keys
 from kernels.dropout import Dropout, for_kernels
 from kernels.errors import UnsupportedInput, check_pattern_and_shapes
 from kernels.flash_vjp import flash_vjp
@@ -115,10 +116,7 @@ class PassPlan:
         positions of every block (a strided slice) and pads them to whole key blocks; padding keys
         are never visible (their gathered index is beyond every query's threshold)."""
         if self.p.gathers_keys:
-            b, t, h, d = x.shape
-            blk, c = self.p.mask.block, self.p.mask.c
-            x = x.reshape(b, t // blk, blk, h, d)[:, :, blk - c:].reshape(b, t // blk * c, h, d)
-            x = jnp.pad(x, ((0, 0), (0, self.kv_layout.seq_len - x.shape[1]), (0, 0), (0, 0)))
+            x = summary_keys.gather(x, self.p.mask.block, self.p.mask.c, self.kv_layout.seq_len)
         return self.kv_layout.to(x)
 
     def dropout(self, dropout: Dropout | None) -> PassDropout | None:
@@ -134,10 +132,7 @@ class PassPlan:
         g = self.kv_layout.back(g, heads)
         if not self.p.gathers_keys:
             return g if acc is None else acc + g
-        b, t, h, d = acc.shape
-        blk, c = self.p.mask.block, self.p.mask.c
-        g = g[:, :t // blk * c].reshape(b, t // blk, c, h, d)
-        return acc.reshape(b, t // blk, blk, h, d).at[:, :, blk - c:].add(g).reshape(b, t, h, d)
+        return summary_keys.add_back(acc, g, self.p.mask.block, self.p.mask.c)
 
 
 def plan_passes(pattern, q, k, block_q, block_k) -> list[PassPlan]:

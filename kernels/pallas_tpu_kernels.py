@@ -89,9 +89,7 @@ class PassDropout:
     def key_positions(self, flat, seq_len: int):
         if not self.summary:
             return dropout_hash.positions(flat, seq_len, self.stride)
-        block, c = self.summary
-        per_block = jnp.full(flat.shape, c, jnp.int32)
-        return lax.div(flat, per_block) * block + (block - c) + lax.rem(flat, per_block)
+        return dropout_hash.gathered_positions(flat, *self.summary)
 
     def drop(self, keep, x):
         return jnp.where(keep, x * self.dropout.scale, 0.0)

@@ -300,11 +300,22 @@ def _ceil_div_nonneg(x, b, xp, div):
     return div(xp.maximum(x, 0) + (b - 1), b)
 
 
-def row_tile_range(mask: DiagonalMask, seq_len: int, r0, rows: int, blk: int, xp=np, div=np.floor_divide):
+def _summary_threshold(mask: SummaryMask, i, div):
+    """SummaryMask.threshold on scalars: gathered keys below it are visible to query i."""
+    return div(i, mask.block) * mask.c
+
+
+def row_tile_range(mask: DiagonalMask | SummaryMask, seq_len: int, r0, rows: int, blk: int, xp=np,
+                   div=np.floor_divide):
     """Rows [r0, r0 + rows) against column blocks of `blk`: (lo, hi, full_lo, full_hi) with
     lo <= full_lo <= full_hi <= hi. Blocks [lo, hi) contain every visible pair of the tile; blocks in
     [full_lo, full_hi) have every pair of the tile visible (no mask needed)."""
-    L, r1 = mask.seg_len, r0 + rows
+    r1 = r0 + rows
+    if isinstance(mask, SummaryMask):  # keys below the last row's threshold; all rows see those below the first's
+        hi = _ceil_div_nonneg(_summary_threshold(mask, r1 - 1, div), blk, xp, div)
+        f_hi = xp.minimum(div(_summary_threshold(mask, r0, div), blk), hi)
+        return 0 * hi, hi, 0 * hi, f_hi
+    L = mask.seg_len
     seg_start = div(r0, L) * L
     first = xp.maximum(xp.maximum(seg_start, r0 - mask.hi), 0)
     last = r1 - 1 - mask.lo
@@ -319,10 +330,20 @@ def row_tile_range(mask: DiagonalMask, seq_len: int, r0, rows: int, blk: int, xp
     return lo, hi, f_lo, f_hi
 
 
-def col_tile_range(mask: DiagonalMask, seq_len: int, c0, cols: int, blk: int, xp=np, div=np.floor_divide):
+def col_tile_range(mask: DiagonalMask | SummaryMask, seq_len: int, c0, cols: int, blk: int, xp=np,
+                   div=np.floor_divide):
     """Columns (keys) [c0, c0 + cols) against row (query) blocks of `blk`, as `row_tile_range`:
-    the query blocks that see the key tile, for the dk/dv kernel."""
-    L, c1 = mask.seg_len, c0 + cols
+    the query blocks that see the key tile, for the dk/dv kernel (seq_len: the queries' length)."""
+    c1 = c0 + cols
+    if isinstance(mask, SummaryMask):
+        # gathered key g is seen by queries from the block after its own: i >= block * (g // c + 1)
+        first = (div(c0, mask.c) + 1) * mask.block
+        every = (div(c1 - 1, mask.c) + 1) * mask.block  # from here on, every key of the tile
+        lo = div(xp.minimum(first, seq_len), blk)
+        hi = xp.maximum(lo, seq_len // blk)
+        f_lo = xp.minimum(_ceil_div_nonneg(every, blk, xp, div), hi)
+        return lo, hi, f_lo, hi
+    L = mask.seg_len
     seg_end = (div(c1 - 1, L) + 1) * L
     first = c0 + mask.lo
     last = xp.minimum(xp.minimum(c1 - 1 + xp.minimum(mask.hi, seq_len), seg_end - 1), seq_len - 1)

@@ -9,8 +9,8 @@
 # and copy the nanoGPT data beside them (../shared does not travel; the copy is ignored, never committed):
 #   echo /.data/ >> .git/info/exclude; mkdir -p .data; cp ../shared/data/tinyshakespeare.txt .data/
 # then run it with carry=[".whl", ".data"]:  bash scripts/gpu_checks.sh [PART ...]
-# PARTs, in the order they run: tests attn variants tiles passes dropout train trainvariants sparsetrain gen
-# shakespeare.
+# PARTs, in the order they run: tests attn variants tiles passes dropout fixed train trainvariants sparsetrain
+# gen shakespeare.
 # Default: tests attn variants train gen shakespeare; "quick" = those but shakespeare. The device tool
 # stops a command at 10 minutes, and on 2026-11-23 these took: tests 1-4 min, attn 4, variants 2+, passes 1,
 # train 1, trainvariants 3, shakespeare 3, gen (GPT-3 Small, 1024 new tokens) over 2.5. Split them, e.g.
@@ -19,8 +19,8 @@ set -uo pipefail
 PARTS="${*:-tests attn variants train gen shakespeare}"
 [ "$PARTS" = quick ] && PARTS="tests attn variants train gen"
 for p in $PARTS; do
-  case $p in tests|attn|variants|tiles|passes|dropout|train|trainvariants|sparsetrain|gen|shakespeare) ;;
-    *) echo "error: unknown part '$p' (tests attn variants tiles passes dropout train trainvariants sparsetrain gen" \
+  case $p in tests|attn|variants|tiles|passes|dropout|fixed|train|trainvariants|sparsetrain|gen|shakespeare) ;;
+    *) echo "error: unknown part '$p' (tests attn variants tiles passes dropout fixed train trainvariants sparsetrain gen" \
             "shakespeare quick)" >&2
        exit 2;; esac
 done
@@ -80,6 +80,12 @@ if want dropout; then
 step "attention dropout inside our kernel (kernels/dropout.py) against the same kernel without, cuDNN, the reference"
 python3 -m kernels.bench --pattern dense --seq 256 --tokens 16384 --heads 6 --head-dim 64 \
     --impls ours,cudnn_dense,reference --dropout 0,0.2 --out "$OUT/attn_dropout" 2>&1 | tee "$OUT/attn_dropout.txt"
+fi
+
+if want fixed; then
+step "fixed(128, 16), the Sparse Transformer's pattern: our kernel against the alternatives"
+python3 -m kernels.bench --pattern fixed --block 128 --c 16 --seq 2048,8192,32768 --tokens 32768 --heads 16 \
+    --head-dim 128 --impls ours,cudnn_dense,xla_mask,flex --out "$OUT/attn_fixed" 2>&1 | tee "$OUT/attn_fixed.txt"
 fi
 
 if want train; then

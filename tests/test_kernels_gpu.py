@@ -1,8 +1,8 @@
 """GPU-only checks (marker `gpu`; skipped without a CUDA device): the compiled Mosaic GPU kernel on an
 H100 against the reference at the benchmark shape, forward and gradients, with poisoned outputs.
 
-Once these pass on an H100, set `kernels.pallas_gpu.VERIFIED_ON_GPU = True` so `impl="auto"` uses
-the kernel on Hopper GPUs (until then it warns and falls back to the reference).
+Once these pass on an H100 for a pattern kind, add it to `kernels.pallas_gpu.VERIFIED_KINDS` so
+`impl="auto"` uses the kernel for it on Hopper GPUs (until then it warns and falls back to the reference).
 """
 
 import jax
@@ -67,9 +67,11 @@ def test_compiled_kernel_matches_reference(seq, batch):
 
 @pytest.mark.skipif(not _hopper(), reason="Mosaic GPU wgmma/TMA needs compute capability >= 9")
 @pytest.mark.parametrize("pattern", [patterns.dense(), patterns.local(128), patterns.strided(64),
-                                     patterns.local_strided(64, 128)], ids=str)
+                                     patterns.local_strided(64, 128), patterns.fixed(128, 16),
+                                     patterns.fixed(32, 8)], ids=str)
 def test_compiled_kernel_other_patterns(pattern):
-    """Single-pass patterns and window < stride, head_dim 64, GQA (4 query heads per kv head)."""
+    """Single-pass patterns, window < stride, and fixed (blocks of a tile or packed, gathered summary
+    keys), head_dim 64, GQA (4 query heads per kv head)."""
     q, _, _, do = _inputs(3, 1, 1024, 4, 64)
     _, k, v, _ = _inputs(4, 1, 1024, 1, 64)
     out, vjp = jax.vjp(lambda q, k, v: sparse_attention_gpu(q, k, v, pattern), q, k, v)
@@ -80,13 +82,13 @@ def test_compiled_kernel_other_patterns(pattern):
         assert _rel(g, r) < 1e-2, (name, _rel(g, r))
 
 
-def test_auto_on_gpu_follows_the_verified_flag():
+@pytest.mark.parametrize("pattern", [patterns.local_strided(64, 64), patterns.fixed(64, 8)], ids=str)
+def test_auto_on_gpu_follows_the_verified_kinds(pattern):
     from kernels import pallas_gpu
 
     keys = jax.random.split(jax.random.key(5), 3)
     q, k, v = (jax.random.normal(kk, (1, 512, 2, 64), jnp.bfloat16) for kk in keys)
-    pattern = patterns.local_strided(64, 64)
-    if pallas_gpu.VERIFIED_ON_GPU and _hopper():
+    if pattern.kind in pallas_gpu.VERIFIED_KINDS and _hopper():
         out = kernels.sparse_attention(q, k, v, pattern)
     else:
         with pytest.warns(UserWarning, match="pallas_gpu"):

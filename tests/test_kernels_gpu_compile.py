@@ -120,3 +120,19 @@ def test_train_step_compiles_to_what_a_plain_flax_step_does():
     assert abs(ours_ops - plain_ops) <= 2, (ours_ops, plain_ops)
     assert abs(ours_gib - plain_gib) <= 0.02 * plain_gib, (ours_gib, plain_gib)
 
+
+@pytest.mark.gpu_aot
+def test_fixed_pattern_kernels_compile_for_an_h100(tmp_path):
+    """fixed(128, 16) at T = 2K, 16 heads of 128: ptxas builds the block-diagonal pass's and the summary
+    pass's three kernels each; the summary dk/dv kernel runs over the 256 gathered keys only (two
+    128-key tiles a head), and everything fits one CTA an SM."""
+    out = tmp_path / "k.json"
+    subprocess.run([sys.executable, "-m", "kernels.gpu_compile", "--pattern", "fixed", "--block", "128", "--c", "16",
+                    "--seq", "2048", "--out", str(out)], check=True, capture_output=True)
+    rows = {r["name"]: r for r in json.loads(out.read_text())}
+    assert sorted(rows) == sorted(f"{k}_{p}" for k in ("fwd", "dq", "dkv") for p in ("blocks", "summary"))
+    batch = 32768 // 2048
+    assert rows["dkv_summary"]["grid"] == 16 * batch * (2048 // 128 * 16 // 128)
+    assert rows["fwd_summary"]["grid"] == 16 * batch * (2048 // 128)
+    for r in rows.values():
+        assert r["smem"] <= 227 * 1024 and r["ctas_per_sm"] == 1, r

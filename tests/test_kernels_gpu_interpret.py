@@ -62,6 +62,8 @@ CASES = [
      "64 rows per residue, block_k 128: query tiles of one residue, key blocks of two"),
     (patterns.local_strided(16, 16), 384, 1, 1, jnp.float32, 64,
      "24 rows per residue (not a power of two), f32: residues straddle tiles, on transposed copies"),
+    (patterns.fixed(32, 8), 256, 2, 1, jnp.bfloat16, 64,
+     "fixed, bf16, GQA: blocks of 32 packed into tiles; 64 gathered summary keys padded to 128"),
 ]
 
 
@@ -264,6 +266,8 @@ DROPOUT_CASES = [
      "local_strided in place, f32: residue-major rows hashed by position, the band's partial merged"),
     (patterns.local_strided(16, 16), 384, 1, 1, jnp.bfloat16, 64, 1,
      "local_strided on transposed copies, bf16: 24-row residues, the passes merged in XLA"),
+    (patterns.fixed(128, 16), 256, 1, 1, jnp.float32, 128, 2,
+     "fixed, f32: one CTA running both tiles; gathered summary keys hashed by their positions"),
 ]
 
 
@@ -300,8 +304,8 @@ def test_unsupported_inputs_raise():
         sparse_attention_gpu(qb[..., :32], qb[..., :32], qb[..., :32], patterns.dense())
     with pytest.raises(UnsupportedInput, match="multiple of 128"):
         sparse_attention_gpu(qb[:, :192], qb[:, :192], qb[:, :192], patterns.dense())
-    with pytest.raises(UnsupportedInput, match="fixed"):
-        sparse_attention_gpu(qb, qb, qb, patterns.fixed(32, 4))
+    with pytest.raises(UnsupportedInput, match="heads"):  # per-head patterns: sparse_attention splits them
+        sparse_attention_gpu(qb, qb, qb, patterns.heads(patterns.dense(), patterns.local(32)))
 
 
 def test_lowers_for_cuda_at_benchmark_shape(seq=2048):
@@ -364,7 +368,7 @@ def test_block_ranges_match_brute_force_schedules():
     no-mask sub-range FULL, and exactly the schedule's blocks when tiles do not pack segments."""
     import itertools
 
-    from kernels.schedule import FULL, SKIP, col_tile_range, forward_schedule, row_tile_range, \
+    from kernels.schedule import FULL, SKIP, SummaryMask, col_tile_range, forward_schedule, row_tile_range, \
         transposed_schedule
 
     def check(ranges, sched, exact):
@@ -385,3 +389,11 @@ def test_block_ranges_match_brute_force_schedules():
         check(rows, forward_schedule(m, T, bq, bk), exact)
         cols = [[int(x) for x in col_tile_range(m, T, c * bk, bk, bq)] for c in range(T // bk)]
         check(cols, transposed_schedule(m, T, bq, bk), exact)
+    # fixed's summary pass: natural queries against the gathered keys (padded to whole blocks); exact
+    for (block, c), (bq, bk) in itertools.product(((16, 4), (32, 8), (64, 24), (128, 128)),
+                                                  itertools.product((16, 64), (32, 64))):
+        m, n_keys = SummaryMask(block, c), -(-T // block * c // bk) * bk
+        rows = [[int(x) for x in row_tile_range(m, T, t * bq, bq, bk)] for t in range(T // bq)]
+        check(rows, forward_schedule(m, T, bq, bk, n_keys), True)
+        cols = [[int(x) for x in col_tile_range(m, T, c0 * bk, bk, bq)] for c0 in range(n_keys // bk)]
+        check(cols, transposed_schedule(m, T, bq, bk, n_keys), True)
