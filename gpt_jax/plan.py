@@ -225,8 +225,8 @@ def step_work(compiled) -> list[str]:
     ops = data_ops(compiled.as_text(), free=FREE_OPS - {"custom-call"})
     calls = sum(op == "custom-call" for op, _, _ in ops)
     return [
-        f"  ops a step                      {len(ops):10d} ({calls} custom calls: cuDNN, cuBLAS, Pallas; "
-        f"{len(ops) - calls} fusions, GEMMs among them, and other ops; loop bodies not counted)",
+        f"  ops a step                      {len(ops):10d} ({calls} custom calls: library calls and Pallas "
+        f"kernels; {len(ops) - calls} fusions, GEMMs among them, and other ops; loop bodies not counted)",
         f"  written a step                  {sum(n for _, _, n in ops) / GIB:10.2f} GiB per chip (the results of "
         f"the compiled step's ops, kernels included)"]
 
