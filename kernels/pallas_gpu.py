@@ -166,8 +166,10 @@ def _keys(p: Pass, t: int, block_k: int, to):
 def pass_name(p: Pass, t: int) -> str:
     """Names the pass's kernels: "strided" (residue-major), "summary" (fixed's gathered keys), "blocks"
     (fixed's block-diagonal pass), "causal" (every earlier key) or "band"."""
-    if p.residue_major or p.gathers_keys:
-        return "strided" if p.residue_major else "summary"
+    if p.residue_major:
+        return "strided"
+    if p.gathers_keys:
+        return "summary"
     if p.mask.seg_len < t:
         return "blocks"
     return "causal" if p.mask.hi >= t else "band"

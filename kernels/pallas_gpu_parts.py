@@ -59,7 +59,7 @@ class PassConfig:
     # Forward only: the two compute warpgroups take turns on the tensor cores (FA3's ping-pong, as
     # jax's attention_mgpu does), so one's softmax overlaps the other's matmuls.
     pingpong: bool = True
-    # Which pass this is ("band", "strided", "causal"): names the kernels in dumps and profiles.
+    # Which pass this is (pallas_gpu.pass_name: "band", "strided", ...): names the kernels in dumps and profiles.
     name: str = "pass"
     # Consecutive tiles a CTA runs one after another (grid / tiles CTAs; query rows for the forward and
     # dq, key rows for dk/dv), its ring streaming on across them, so the next tile's blocks load while
@@ -137,7 +137,7 @@ def visible(mask: DiagonalMask | SummaryMask, seq_len, queries0, keys0, shape, t
     i = queries0 + plgpu.broadcasted_iota(jnp.int32, shape, qdim, layout=plgpu.Layout.WGMMA)
     j = keys0 + plgpu.broadcasted_iota(jnp.int32, shape, kdim, layout=plgpu.Layout.WGMMA)
     if isinstance(mask, SummaryMask):  # gathered summary key j of an earlier block than query i's
-        return j < div_by(i, mask.block) * mask.c
+        return j < mask.threshold(i, div_by)
     d = i - j
     vis = d >= mask.lo
     limit = mask.hi if mask.hi < seq_len else None

@@ -53,7 +53,7 @@ def _visible(mask: DiagonalMask | SummaryMask, seq_len: int, r0, c0, rows: int, 
     i = r0 + lax.broadcasted_iota(jnp.int32, shape, row_axis)
     j = c0 + lax.broadcasted_iota(jnp.int32, shape, 1 - row_axis)
     if isinstance(mask, SummaryMask):  # gathered summary key j of an earlier block than query i's
-        return j < lax.div(i, mask.block) * mask.c
+        return j < mask.threshold(i, lax.div)
     d = i - j
     vis = d >= mask.lo
     if mask.hi < seq_len:

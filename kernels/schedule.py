@@ -80,9 +80,10 @@ class SummaryMask:
     block: int
     c: int
 
-    def threshold(self, i):
-        """Gathered keys g < threshold(i) are visible to query i (nondecreasing in i)."""
-        return self.c * (i // self.block)
+    def threshold(self, i, div=np.floor_divide):
+        """Gathered keys g < threshold(i) are visible to query i (nondecreasing in i). div: floor
+        division for i's kind (numpy; int32 scalars or vectors inside a kernel)."""
+        return div(i, self.block) * self.c
 
     def dense(self, n: int, n_keys: int) -> np.ndarray:
         return np.arange(n_keys)[None, :] < self.threshold(np.arange(n))[:, None]
@@ -300,11 +301,6 @@ def _ceil_div_nonneg(x, b, xp, div):
     return div(xp.maximum(x, 0) + (b - 1), b)
 
 
-def _summary_threshold(mask: SummaryMask, i, div):
-    """SummaryMask.threshold on scalars: gathered keys below it are visible to query i."""
-    return div(i, mask.block) * mask.c
-
-
 def row_tile_range(mask: DiagonalMask | SummaryMask, seq_len: int, r0, rows: int, blk: int, xp=np,
                    div=np.floor_divide):
     """Rows [r0, r0 + rows) against column blocks of `blk`: (lo, hi, full_lo, full_hi) with
@@ -312,9 +308,10 @@ def row_tile_range(mask: DiagonalMask | SummaryMask, seq_len: int, r0, rows: int
     [full_lo, full_hi) have every pair of the tile visible (no mask needed)."""
     r1 = r0 + rows
     if isinstance(mask, SummaryMask):  # keys below the last row's threshold; all rows see those below the first's
-        hi = _ceil_div_nonneg(_summary_threshold(mask, r1 - 1, div), blk, xp, div)
-        f_hi = xp.minimum(div(_summary_threshold(mask, r0, div), blk), hi)
-        return 0 * hi, hi, 0 * hi, f_hi
+        hi = _ceil_div_nonneg(mask.threshold(r1 - 1, div), blk, xp, div)
+        f_hi = xp.minimum(div(mask.threshold(r0, div), blk), hi)
+        zero = xp.zeros_like(hi)
+        return zero, hi, zero, f_hi
     L = mask.seg_len
     seg_start = div(r0, L) * L
     first = xp.maximum(xp.maximum(seg_start, r0 - mask.hi), 0)
